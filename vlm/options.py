@@ -1,0 +1,203 @@
+"""Dotted `key=value` options shared by app.py, run.py and run_streaming.py (OmegaConf structured configs).
+
+    python run.py inference.image=examples/imgs/panda_climbing.png sampling.temperature=0.9
+
+Precedence: defaults < environment (`VLM_SECTION_KEY`, plus GRADIO_SERVER_NAME / GRADIO_SERVER_PORT) < argv.
+Only the standard library and OmegaConf are imported here, so `--help` and bad options answer at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+DEFAULT_MODEL = "Qwen/Qwen3-VL-2B-Instruct"
+
+
+class Dtype(str, enum.Enum):
+    """Parameter dtype; `auto` lets the loader choose (bfloat16 on accelerators, float32 on CPU)."""
+
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+def _opt(default: Any, help: str, check: tuple[Callable[[Any], bool], str] | None = None, env: str | None = None):
+    """A dataclass field with a --help line, an optional range check (predicate, wording) and an extra env name."""
+    kw = {"default_factory": default} if callable(default) else {"default": default}
+    return field(metadata={"help": help, "check": check, "env": env}, **kw)
+
+
+@dataclass
+class ModelOptions:
+    name: str = _opt(DEFAULT_MODEL, "hub id (e.g. Qwen/Qwen3-VL-4B-Instruct), local checkpoint dir, or 'tiny' (offline, random weights)")
+    dtype: Dtype = _opt(Dtype.auto, "parameter dtype: auto | float32 | bfloat16")
+
+
+@dataclass
+class SamplingOptions:
+    temperature: float = _opt(0.7, "softmax temperature; 0 = greedy", (lambda v: v >= 0, "a number >= 0"))
+    top_p: float = _opt(0.8, "nucleus sampling mass, in (0, 1]; 1 = off", (lambda v: 0 < v <= 1, "a number in (0, 1]"))
+    top_k: int = _opt(20, "keep the k most likely tokens; 0 = off", (lambda v: v >= 0, "an integer >= 0"))
+    max_new_tokens: int = _opt(256, "most tokens to generate", (lambda v: v >= 1, "an integer >= 1"))
+    seed: int = _opt(0, "random seed (same seed, same answer)")
+
+
+@dataclass
+class BatchItem:
+    image: str | None = None
+    prompt: str | None = None
+
+
+@dataclass
+class InferenceOptions:
+    image: str | None = _opt(None, "image file for the question (omit for a text-only question)")
+    prompt: str = _opt("Describe this image", "the question")
+    batch: list[BatchItem] = _opt(
+        list,
+        "run.py: several rows in one scan, a YAML list of paths or {image, prompt}: "
+        "'[a.png, {image: b.png, prompt: What colour?}]'; a row without prompt uses inference.prompt",
+    )
+
+
+@dataclass
+class ServerOptions:
+    host: str = _opt("127.0.0.1", "address to bind; 0.0.0.0 exposes the demo to your network", env="GRADIO_SERVER_NAME")
+    port: int = _opt(7860, "port to listen on", (lambda v: 1 <= v <= 65535, "an integer in [1, 65535]"), env="GRADIO_SERVER_PORT")
+    share: bool = _opt(False, "create a public gradio.live link (off unless asked)")
+    queue_size: int = _opt(32, "requests waiting at most; more are refused", (lambda v: v >= 1, "an integer >= 1"))
+    concurrency: int = _opt(1, "generations run at once (others queue and see their position)", (lambda v: v >= 1, "an integer >= 1"))
+    max_upload_mb: float = _opt(10.0, "largest upload accepted, in MB", (lambda v: v > 0, "a number > 0"))
+    debug: bool = _opt(False, "show Python errors and stack traces in the page")
+
+
+@dataclass
+class Options:
+    model: ModelOptions = field(default_factory=ModelOptions)
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    inference: InferenceOptions = field(default_factory=InferenceOptions)
+    server: ServerOptions = field(default_factory=ServerOptions)
+
+
+def _fields(sections: Sequence[str]) -> dict[str, dataclasses.Field]:
+    """Dotted key -> dataclass field, for the given sections in declaration order."""
+    out = {}
+    for sec in dataclasses.fields(Options):
+        if sec.name in sections:
+            for f in dataclasses.fields(sec.default_factory):
+                out[f"{sec.name}.{f.name}"] = f
+    return out
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return {"Dtype": "auto|float32|bfloat16", "str | None": "str", "list[BatchItem]": "list"}.get(t, t)
+
+
+def _env_name(key: str) -> str:
+    return "VLM_" + key.upper().replace(".", "_")
+
+
+def help_text(prog: str, sections: Sequence[str]) -> str:
+    """Every key with its type, default and a one-line description."""
+    lines = [f"usage: python {prog} [key=value ...]", "", "options (environment: VLM_SECTION_KEY=value; argv wins):"]
+    defaults = Options()
+    for key, f in _fields(sections).items():
+        sec, name = key.split(".")
+        default = getattr(getattr(defaults, sec), name)
+        default = default.value if isinstance(default, enum.Enum) else default
+        default = "none" if default is None else "[]" if default == [] else str(default).lower() if isinstance(default, bool) else default
+        env = f" (env {f.metadata['env']})" if f.metadata.get("env") else ""
+        lines.append(f"  {key}={default}  [{_type_name(f)}]\n      {f.metadata['help']}{env}")
+    return "\n".join(lines)
+
+
+class OptionError(ValueError):
+    """A bad option, with a one-line message naming the key and what it accepts."""
+
+
+def _parse_batch(raw: str) -> list[dict]:
+    """YAML list of paths or {image, prompt} mappings -> list of dicts."""
+    value = OmegaConf.to_container(OmegaConf.from_dotlist([f"batch={raw}"]))["batch"]
+    if not isinstance(value, list):
+        raise OptionError(f"inference.batch={raw!r}: expected a YAML list like '[a.png, {{image: b.png, prompt: Hi}}]'")
+    rows = []
+    for item in value:
+        if isinstance(item, str):
+            item = {"image": item}
+        if not isinstance(item, dict) or set(item) - {"image", "prompt"}:
+            raise OptionError(f"inference.batch row {item!r}: expected a path or a mapping with keys image, prompt")
+        rows.append({k: None if v is None else str(v) for k, v in item.items()})
+    return rows
+
+
+def parse_overrides(overrides: Sequence[tuple[str, str, str]], sections: Sequence[str]) -> Options:
+    """(source, key, raw value) triples -> validated Options; raises OptionError with a one-line message."""
+    fields = _fields(sections)
+    cfg = OmegaConf.structured(Options)
+    OmegaConf.set_struct(cfg, True)
+    for source, key, raw in overrides:
+        where = f"{source}: " if source else ""
+        if key not in fields:
+            close = [k for k in fields if key and k.startswith(key)] or difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise OptionError(f"{where}unknown key {key!r}{hint}; allowed keys: {', '.join(fields)}")
+        f = fields[key]
+        try:
+            if key == "inference.batch":
+                cfg.inference.batch = OmegaConf.merge(OmegaConf.structured(InferenceOptions), {"batch": _parse_batch(raw)}).batch
+            elif key == "inference.image":
+                OmegaConf.update(cfg, key, raw or None, merge=False)
+            else:
+                OmegaConf.update(cfg, key, raw, merge=False)
+        except OmegaConfBaseException as e:
+            kind = _type_name(f)
+            expected = {"float": "a number", "int": "an integer", "bool": "true or false"}.get(kind, f"one of {kind.replace('|', ', ')}")
+            raise OptionError(f"{where}{key}={raw!r}: expected {expected}") from e
+        check = f.metadata.get("check")
+        sec, name = key.split(".")
+        if check and not check[0](cfg[sec][name]):
+            raise OptionError(f"{where}{key}={raw!r}: expected {check[1]}")
+    return OmegaConf.to_object(cfg)
+
+
+def _env_overrides(sections: Sequence[str], environ: dict[str, str]) -> list[tuple[str, str, str]]:
+    out = []
+    for key, f in _fields(sections).items():
+        for name in (f.metadata.get("env"), _env_name(key)):  # VLM_* is read last, so it wins
+            if name and environ.get(name, "") != "":
+                out.append((f"environment {name}", key, environ[name]))
+    return out
+
+
+def parse(argv: Sequence[str], sections: Sequence[str], prog: str | None = None, environ: dict[str, str] | None = None) -> Options:
+    """Parse `key=value` argv (+ environment) into Options; on a bad option print one line and exit 2; --help exits 0."""
+    prog = prog or os.path.basename(sys.argv[0] or "run.py")
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(help_text(prog, sections))
+        sys.exit(0)
+    try:
+        overrides = _env_overrides(sections, dict(os.environ) if environ is None else environ)
+        for arg in argv:
+            key, sep, raw = arg.partition("=")
+            if not sep:
+                raise OptionError(f"expected key=value, got {arg!r}; allowed keys: {', '.join(_fields(sections))}")
+            overrides.append(("", key.strip(), raw))
+        return parse_overrides(overrides, sections)
+    except OptionError as e:
+        print(f"{prog}: error: {e}  (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def dtype_arg(opts: Options) -> str | None:
+    """model.dtype as load_model's dtype argument (None = auto)."""
+    return None if opts.model.dtype is Dtype.auto else opts.model.dtype.value
