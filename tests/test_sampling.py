@@ -1,0 +1,165 @@
+"""Samplers: exact against transformers' greedy generate, streaming == scan, batch rows == alone, compile once."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlm import SamplingConfig, load_model, prepare_inputs, sample, sample_streaming
+from vlm.sampling import Detokenizer, process_logits
+
+transformers = pytest.importorskip("transformers")
+
+
+def _image(w, h, seed):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_dir):
+    return load_model(tiny_dir, dtype="float32")
+
+
+def _stream(model, params, tok, inputs, cfg, seed=0):
+    return list(sample_streaming(model, params, inputs, cfg, jax.random.key(seed), tokenizer=tok))
+
+
+@pytest.mark.parametrize("with_image", [True, False])
+def test_greedy_equals_transformers_generate(ours, tiny_dir, with_image):
+    model, params, tok = ours
+    image = _image(288, 256, 0) if with_image else None
+    inputs = prepare_inputs(model, params, tok, [image], ["Describe this image in detail."])
+    cfg = SamplingConfig(temperature=0, max_new_tokens=40, eos_id=[151645, 151643])
+    hf = transformers.Qwen3VLForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    ids = torch.tensor(inputs.prompt_tokens[:1, inputs.start[0]:].astype(np.int64))
+    kwargs = {"mm_token_type_ids": (ids == model.cfg.image_token_id).long()}
+    if with_image:
+        v = inputs.vision
+        kwargs |= {"pixel_values": torch.tensor(v.patches[: v.num_patches]),
+                   "image_grid_thw": torch.tensor(inputs.grid_thw)}
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=40,
+                          eos_token_id=[151645, 151643], pad_token_id=151643, **kwargs)
+    ref = out[0, ids.shape[1]:].tolist()
+    assert len(set(ref)) > 5, "the tiny model should not repeat one token (weak comparison)"
+    streamed = [t for t, _, _ in _stream(model, params, tok, inputs, cfg)]
+    scanned = sample(model, params, inputs, cfg, jax.random.key(0), tokenizer=tok).tokens[0]
+    assert streamed == ref
+    assert scanned == ref
+
+
+def test_streaming_equals_scan_with_sampling(ours):
+    model, params, tok = ours
+    inputs = prepare_inputs(model, params, tok, [_image(256, 300, 1)], ["Tell me a story about it."])
+    cfg = SamplingConfig(temperature=0.9, top_k=40, top_p=0.85, max_new_tokens=48)
+    for seed in (0, 1):
+        streamed = _stream(model, params, tok, inputs, cfg, seed)
+        res = sample(model, params, inputs, cfg, jax.random.key(seed), tokenizer=tok)
+        assert [t for t, _, _ in streamed] == res.tokens[0]
+        assert np.allclose([lp for _, _, lp in streamed], res.logprobs[0], atol=1e-5)
+        assert "".join(text for _, text, _ in streamed) == res.texts[0]
+        assert res.texts[0] == tok.decode(res.tokens[0], skip_special_tokens=True)
+    other = sample(model, params, inputs, cfg, jax.random.key(2), tokenizer=tok)
+    assert other.tokens[0] != res.tokens[0], "different seeds should give different samples"
+
+
+def test_batch_rows_equal_rows_alone(ours):
+    model, params, tok = ours
+    images = [_image(256, 256, 2), None, [_image(320, 200, 3), _image(200, 330, 4)], _image(400, 260, 5)]
+    prompts = ["What is this?", "Write a haiku about the sea, please.", "Compare these two.", "Describe."]
+    cfg = SamplingConfig(temperature=0, max_new_tokens=24)
+    batch = sample(model, params, prepare_inputs(model, params, tok, images, prompts), cfg, jax.random.key(0),
+                   tokenizer=tok)
+    for i in range(len(prompts)):
+        alone = sample(model, params, prepare_inputs(model, params, tok, [images[i]], [prompts[i]]), cfg,
+                       jax.random.key(0), tokenizer=tok)
+        assert batch.tokens[i] == alone.tokens[0], f"row {i}"
+        assert batch.texts[i] == alone.texts[0]
+        assert np.allclose(batch.logprobs[i], alone.logprobs[0], atol=1e-4)
+
+
+def test_eos_stops_both_samplers(ours):
+    model, params, tok = ours
+    inputs = prepare_inputs(model, params, tok, [None], ["Hi"])
+    free = sample(model, params, inputs, SamplingConfig(temperature=0, max_new_tokens=12), jax.random.key(0))
+    eos = free.tokens[0][3]  # pretend the 4th greedy token is an eos id
+    cfg = SamplingConfig(temperature=0, max_new_tokens=12, eos_id=[7, eos])
+    res = sample(model, params, inputs, cfg, jax.random.key(0), tokenizer=tok)
+    streamed = _stream(model, params, tok, inputs, cfg)
+    assert res.tokens[0] == free.tokens[0][: free.tokens[0].index(eos) + 1]
+    assert [t for t, _, _ in streamed] == res.tokens[0]
+    assert streamed[-1][1] == ""  # the eos token carries no text
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.6), (0.5, 3, 0.9),
+                                                     (1.0, 1, 0.5), (2.0, 50, 0.99)])
+def test_logits_processing_matches_transformers(temperature, top_k, top_p):
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((4, 300)).astype(np.float32) * 3
+    logits[1, :40] = 2.5  # ties, across the top-k / top-p cut
+    logits[2, 10:20] = logits[2].max()
+    procs = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+    if top_k:
+        procs.append(TopKLogitsWarper(top_k))
+    if top_p < 1:
+        procs.append(TopPLogitsWarper(top_p))
+    ref = procs(None, torch.tensor(logits)).numpy()
+    got = np.asarray(process_logits(jax.numpy.asarray(logits), np.float32(temperature), np.int32(top_k),
+                                    np.float32(top_p)))
+    assert np.array_equal(np.isinf(got), np.isinf(ref))
+    assert np.allclose(got[~np.isinf(got)], ref[~np.isinf(ref)], atol=1e-6)
+
+
+@pytest.mark.parametrize("text", ["你好，世界！这是一个测试。", "emoji 🐼🎉👩‍💻 mixed ü é", "plain ascii text"])
+def test_streamed_text_joins_to_decode(ours, text):
+    _, _, tok = ours
+    ids = tok.encode(text) + [151645]
+    detok = Detokenizer(tok)
+    pieces = [detok.push(t) for t in ids] + [detok.flush()]
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True) == text
+
+
+def test_streamed_text_with_invalid_bytes(ours):
+    """Byte tokens that never form valid UTF-8 still join to exactly what decode() shows."""
+    _, _, tok = ours
+    byte_ids = [tok.convert_tokens_to_ids(t) for t in ["Ã", "¤", "Ġ", "ä", "½"]]  # byte-level pieces
+    ids = byte_ids + tok.encode("ok 好") + byte_ids[:1]
+    detok = Detokenizer(tok)
+    assert "".join([detok.push(t) for t in ids] + [detok.flush()]) == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_sampling_config_validation():
+    for bad in [dict(temperature=-0.1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(top_k=2.5),
+                dict(max_new_tokens=0)]:
+        with pytest.raises(ValueError):
+            SamplingConfig(**bad)
+
+
+def test_max_new_tokens_beyond_context(ours):
+    model, params, tok = ours
+    inputs = prepare_inputs(model, params, tok, [None], ["Hi"])
+    with pytest.raises(ValueError, match="context"):
+        sample(model, params, inputs, SamplingConfig(max_new_tokens=10**6), jax.random.key(0))
+
+
+def test_second_and_third_requests_do_not_compile(ours):
+    model, params, tok = ours
+    first = prepare_inputs(model, params, tok, [_image(288, 256, 6)], ["What is this?"])
+    cfg = SamplingConfig(temperature=0.8, top_k=10, top_p=0.9, max_new_tokens=20)
+    sample(model, params, first, cfg, jax.random.key(0))
+    _stream(model, params, tok, first, cfg)
+    before = model.compile_count
+    for i, (size, prompt) in enumerate([((256, 288), "Describe the picture briefly."), ((320, 256), "Animals?")]):
+        inputs = prepare_inputs(model, params, tok, [_image(*size, 7 + i)], [prompt])
+        assert inputs.prompt_tokens.shape == first.prompt_tokens.shape  # same buckets, other sizes
+        assert inputs.vision.patches.shape == first.vision.patches.shape
+        assert inputs.vision.num_patches != first.vision.num_patches or i == 0
+        other = SamplingConfig(temperature=0.5 + i, top_k=3 + i, top_p=0.7, max_new_tokens=18 + i)
+        sample(model, params, inputs, other, jax.random.key(i))
+        _stream(model, params, tok, inputs, other, seed=i)
+    assert model.compile_count == before

@@ -1,0 +1,154 @@
+"""Qwen3-VL text decoder (Qwen3 blocks, interleaved mRoPE, deepstack) with a KV cache.
+
+Params are a plain pytree with the Hugging Face names (`layers[i]["self_attn"]["q_proj"]["weight"]`),
+weights kept in HF layout [out, in]. Prompts are left-padded to a bucket length P, so every row's
+last prompt token sits in slot P-1 and decode step i writes slot P+i for the whole batch; per-row
+`start` marks the first real slot and per-row mRoPE positions carry each row's own rope delta.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig, TextConfig
+from .ops import Params, apply_rope, attention, linear, rms_norm
+
+Cache = dict[str, jax.Array]  # {"k", "v"}: [layers, B, S, kv_heads, head_dim]
+
+
+@dataclass(eq=False)
+class Qwen3VL:
+    """A loaded model's static description plus its jitted functions (built once, reused)."""
+
+    cfg: ModelConfig
+    dtype: Any
+    preprocess: Any  # processing.PreprocessConfig
+    generation: dict  # the checkpoint's generation_config.json
+    source: str = ""
+    compile_count: int = 0  # jit traces so far (a trace is a compile)
+    _jitted: dict = field(default_factory=dict, repr=False)
+
+    def jit(self, fn: Callable, **jit_kwargs) -> Callable:
+        """`jax.jit(fn)` with cfg bound, memoised per model; each trace bumps `compile_count`."""
+        if fn not in self._jitted:
+
+            def traced(*args, **kwargs):
+                self.compile_count += 1
+                return fn(self.cfg, *args, **kwargs)
+
+            traced.__name__ = fn.__name__
+            traced.__signature__ = inspect.signature(functools.partial(fn, self.cfg))  # for *_argnames
+            self._jitted[fn] = jax.jit(traced, **jit_kwargs)
+        return self._jitted[fn]
+
+
+def init_cache(cfg: TextConfig, batch: int, length: int, dtype) -> Cache:
+    shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def mrope_cos_sin(positions: jax.Array, cfg: TextConfig, dtype) -> tuple[jax.Array, jax.Array]:
+    """Interleaved mRoPE. positions [3, B, T] (T, H, W rows) -> cos/sin [B, T, 1, head_dim]."""
+    half = cfg.head_dim // 2
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+    axis = np.zeros(half, np.int32)  # frequency slot -> T/H/W row: T,H,W,T,H,W,... then T
+    axis[1 : 3 * cfg.mrope_section[1] : 3] = 1
+    axis[2 : 3 * cfg.mrope_section[2] : 3] = 2
+    pos = jnp.moveaxis(positions[axis], 0, -1).astype(jnp.float32)  # [B, T, half]
+    emb = jnp.concatenate([pos * inv_freq] * 2, axis=-1)[:, :, None, :]  # [B, T, 1, head_dim]
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def _self_attn(x, p: Params, cos, sin, mask, cache: Cache | None, layer: int, write_index, from_cache: bool,
+               cfg: TextConfig):
+    b, t, _ = x.shape
+    kv, group, hd = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads, cfg.head_dim
+    q = rms_norm(linear(x, p["q_proj"]).reshape(b, t, kv * group, hd), p["q_norm"]["weight"], cfg.rms_norm_eps)
+    k = rms_norm(linear(x, p["k_proj"]).reshape(b, t, kv, hd), p["k_norm"]["weight"], cfg.rms_norm_eps)
+    v = linear(x, p["v_proj"]).reshape(b, t, kv, hd)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    keys, values = k, v
+    if cache is not None:
+        at = (layer, 0, write_index, 0, 0)
+        cache = {
+            "k": jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), at),
+            "v": jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), at),
+        }
+        if from_cache:  # decode: attend over the whole cache; prefill attends to its own keys
+            keys, values = cache["k"][layer], cache["v"][layer]
+    out = attention(q.reshape(b, t, kv, group, hd), keys, values, mask)  # [B, T, H*D]
+    return linear(out, p["o_proj"]), cache
+
+
+def _mlp(x, p: Params) -> jax.Array:
+    return linear(jax.nn.silu(linear(x, p["gate_proj"])) * linear(x, p["up_proj"]), p["down_proj"])
+
+
+def decoder(params: Params, cfg: TextConfig, x, positions, mask, cache=None, write_index=0, deepstack=None,
+            from_cache: bool = False):
+    """Decoder layers + final norm. x [B, T, D]; deepstack [k, B, T, D] is added after layers 0..k-1."""
+    cos, sin = mrope_cos_sin(positions, cfg, x.dtype)
+    for i, lp in enumerate(params["layers"]):
+        h, cache = _self_attn(rms_norm(x, lp["input_layernorm"]["weight"], cfg.rms_norm_eps), lp["self_attn"],
+                              cos, sin, mask, cache, i, write_index, from_cache, cfg)
+        x = x + h
+        x = x + _mlp(rms_norm(x, lp["post_attention_layernorm"]["weight"], cfg.rms_norm_eps), lp["mlp"])
+        if deepstack is not None and i < deepstack.shape[0]:
+            x = x + deepstack[i].astype(x.dtype)
+    return rms_norm(x, params["norm"]["weight"], cfg.rms_norm_eps), cache
+
+
+def lm_head(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
+    """Logits in f32; a tied head reads the embedding table itself (no copy)."""
+    w = params["language_model"]["embed_tokens"]["weight"] if cfg.tie_word_embeddings else params["lm_head"]["weight"]
+    return jnp.einsum("...d,vd->...v", h, w, preferred_element_type=jnp.float32)
+
+
+def embed(params: Params, ids, vision_embeds=None, vision_index=None):
+    """Token embeddings with image-pad positions replaced by vision embeddings.
+
+    vision_embeds [Nv, D]; vision_index [B, T] row of vision_embeds for each image token, -1 elsewhere.
+    """
+    x = params["language_model"]["embed_tokens"]["weight"][ids]  # [B, T, D]
+    if vision_embeds is None:
+        return x
+    return jnp.where((vision_index >= 0)[..., None], vision_embeds[vision_index].astype(x.dtype), x)
+
+
+def gather_deepstack(deepstack, vision_index):
+    """[k, Nv, D] features -> [k, B, T, D], zero at text positions."""
+    rows = jnp.concatenate([deepstack, jnp.zeros_like(deepstack[:, :1])], axis=1)  # index -1 -> zero row
+    return rows[:, vision_index]
+
+
+def prefill_mask(start: jax.Array, length: int) -> jax.Array:
+    """Causal mask over left-padded rows [B, T, T]; padding slots attend to themselves only."""
+    slot = jnp.arange(length)
+    causal = (slot[None, :, None] >= slot[None, None, :]) & (slot[None, None, :] >= start[:, None, None])
+    return causal | (slot[:, None] == slot[None, :])[None]
+
+
+def forward(params: Params, cfg: ModelConfig, ids, positions, start, vision_embeds=None, deepstack=None,
+            vision_index=None, cache: Cache | None = None):
+    """Prompt forward. Returns final hidden states [B, T, D] and the cache with slots [0, T) filled."""
+    x = embed(params, ids, vision_embeds, vision_index)
+    ds = gather_deepstack(deepstack, vision_index) if deepstack is not None else None
+    mask = prefill_mask(start, ids.shape[1])
+    return decoder(params["language_model"], cfg.text, x, positions, mask, cache, 0, ds)
+
+
+def decode(params: Params, cfg: ModelConfig, token, position, start, write_index, cache: Cache):
+    """One token per row: token [B], position [B] (mRoPE, text so T=H=W), writes slot `write_index`."""
+    x = embed(params, token[:, None])
+    slot = jnp.arange(cache["k"].shape[2])
+    mask = ((slot[None, :] >= start[:, None]) & (slot[None, :] <= write_index))[:, None, :]  # [B, 1, S]
+    positions = jnp.broadcast_to(position[None, :, None], (3, token.shape[0], 1))
+    h, cache = decoder(params["language_model"], cfg.text, x, positions, mask, cache, write_index, from_cache=True)
+    return lm_head(params, cfg, h[:, -1]), cache

@@ -1,0 +1,246 @@
+"""Two samplers over one decode step: `sample_streaming` (Python loop, batch 1) and `sample` (lax.scan).
+
+Both run the same jitted prefill (which also picks the first token, so the last prompt token is fed
+exactly once) and the same `_decode_step`; token i is drawn with `fold_in(rng, i)`. That is why the
+two samplers agree token for token. The reported logprob is log-softmax of the model's raw logits
+(before temperature, top-k and top-p) at the chosen token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import model as M
+from .inputs import VLMInputs, bucket
+from .vision import encode
+
+CACHE_BUCKET_MIN = 256
+STEPS_BUCKET_MIN = 32
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """None means: take the checkpoint's generation_config value. temperature=0 is greedy; top_k=0 and
+    top_p=1 switch those filters off."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_new_tokens: int = 256
+    eos_id: int | Sequence[int] | None = None
+    pad_id: int | None = None
+
+    def __post_init__(self):
+        if self.temperature is not None and not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and (int(self.top_k) != self.top_k or self.top_k < 0):
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k}")
+        if int(self.max_new_tokens) != self.max_new_tokens or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens}")
+
+    def resolved(self, model: M.Qwen3VL) -> SamplingConfig:
+        """Fill unset values from the checkpoint's generation_config (Qwen3-VL: 0.7 / 0.8 / 20, eos [151645, 151643])."""
+        g = model.generation
+        greedy = g.get("do_sample") is False
+        eos = self.eos_id if self.eos_id is not None else g.get("eos_token_id", [151645, 151643])
+        return replace(
+            self,
+            temperature=self.temperature if self.temperature is not None else (0.0 if greedy else g.get("temperature", 1.0)),
+            top_p=self.top_p if self.top_p is not None else g.get("top_p", 1.0),
+            top_k=self.top_k if self.top_k is not None else g.get("top_k", 0),
+            eos_id=tuple(eos) if isinstance(eos, (list, tuple)) else (eos,),
+            pad_id=self.pad_id if self.pad_id is not None else g.get("pad_token_id", 151643),
+        )
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    texts: list[str]
+    tokens: list[list[int]]  # per row, up to and including its eos
+    logprobs: list[list[float]]
+
+
+def process_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """transformers' TemperatureLogitsWarper -> TopKLogitsWarper -> TopPLogitsWarper on [B, V] logits."""
+    neg = -jnp.inf
+    x = logits / jnp.where(temperature > 0, temperature, 1.0)
+    order = jnp.argsort(x, axis=-1, stable=True)  # ascending, as torch.sort in TopPLogitsWarper
+    asc = jnp.take_along_axis(x, order, axis=-1)
+    vocab = x.shape[-1]
+    kth = asc[:, vocab - jnp.clip(top_k, 1, vocab)][:, None]  # k-th largest value; ties are kept
+    asc = jnp.where((top_k > 0) & (asc < kth), neg, asc)
+    cum = jnp.cumsum(jax.nn.softmax(asc, axis=-1), axis=-1)
+    drop = (cum <= 1 - top_p).at[:, -1].set(False)  # always keep the most likely token
+    drop = drop | (asc == neg)
+    drop = jnp.zeros_like(drop).at[jnp.arange(x.shape[0])[:, None], order].set(drop)
+    return jnp.where(drop, neg, x)
+
+
+def choose(logits: jax.Array, key, temperature, top_k, top_p) -> tuple[jax.Array, jax.Array]:
+    """Pick one token per row (greedy when temperature == 0) -> (token [B], logprob [B] under raw logits)."""
+
+    def draw(logits):
+        keys = jax.random.split(key, logits.shape[0])
+        return jax.vmap(jax.random.categorical)(keys, process_logits(logits, temperature, top_k, top_p))
+
+    token = jax.lax.cond(temperature > 0, draw, lambda x: jnp.argmax(x, axis=-1), logits).astype(jnp.int32)
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+    return token, logprob
+
+
+def _encode(cfg, params, patches, pos_taps, pos_weights, rope_ids, segment):
+    return encode(params["visual"], cfg.vision, patches, pos_taps, pos_weights, rope_ids, segment)
+
+
+def _prefill(cfg, params, ids, positions, start, vision_embeds, deepstack, vision_index, key, temperature, top_k,
+             top_p, *, cache_len: int):
+    cache = M.init_cache(cfg.text, ids.shape[0], cache_len, params["language_model"]["norm"]["weight"].dtype)
+    h, cache = M.forward(params, cfg, ids, positions, start, vision_embeds, deepstack, vision_index, cache)
+    token, logprob = choose(M.lm_head(params, cfg, h[:, -1]), jax.random.fold_in(key, 0), temperature, top_k, top_p)
+    return token, logprob, cache
+
+
+def _decode_step(cfg, params, cache, token, position, start, write_index, key, temperature, top_k, top_p):
+    """The one decode step both samplers run: feed `token`, return the next one, its logprob, the cache."""
+    logits, cache = M.decode(params, cfg, token, position, start, write_index, cache)
+    token, logprob = choose(logits, key, temperature, top_k, top_p)
+    return token, logprob, cache
+
+
+def _step(cfg, params, cache, token, next_position, start, prompt_len, i, key, temperature, top_k, top_p):
+    """Decode step i: consumes token i, draws token i + 1 with fold_in(key, i + 1)."""
+    return _decode_step(cfg, params, cache, token, next_position + i, start, prompt_len + i,
+                        jax.random.fold_in(key, i + 1), temperature, top_k, top_p)
+
+
+def _generate(cfg, params, cache, token, next_position, start, prompt_len, key, temperature, top_k, top_p,
+              max_new, eos, *, steps: int):
+    """Tokens 1..steps-1 in one lax.scan; steps past max_new or after every row hit eos are skipped."""
+
+    def body(carry, i):
+        cache, token, done = carry
+
+        def run(cache):
+            return _step(cfg, params, cache, token, next_position, start, prompt_len, i, key, temperature, top_k,
+                         top_p)
+
+        def skip(cache):
+            return token, jnp.zeros(token.shape, jnp.float32), cache
+
+        token, logprob, cache = jax.lax.cond((i + 1 < max_new) & ~jnp.all(done), run, skip, cache)
+        done = done | jnp.isin(token, eos)
+        return (cache, token, done), (token, logprob)
+
+    done = jnp.isin(token, eos)
+    _, (tokens, logprobs) = jax.lax.scan(body, (cache, token, done), jnp.arange(steps - 1))
+    return tokens.T, logprobs.T  # [B, steps-1]
+
+
+def _check_context(model: M.Qwen3VL, inputs: VLMInputs, cfg: SamplingConfig) -> None:
+    longest = int(inputs.lengths[: inputs.num_rows].max())
+    limit = model.cfg.text.max_position_embeddings
+    if longest + cfg.max_new_tokens > limit:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the model's "
+                         f"context of {limit} tokens")
+
+
+def _start(model: M.Qwen3VL, params, inputs: VLMInputs, cfg: SamplingConfig, rng):
+    """Vision tower (if any images) + prefill + first token. Returns device arrays, no host sync."""
+    _check_context(model, inputs, cfg)
+    vision_embeds = deepstack = None
+    if inputs.vision is not None:
+        v = inputs.vision
+        vision_embeds, deepstack = model.jit(_encode)(params, v.patches, v.pos_taps, v.pos_weights, v.rope_ids,
+                                                      v.segment)
+    cache_len = bucket(inputs.prompt_tokens.shape[1] + cfg.max_new_tokens, CACHE_BUCKET_MIN)
+    prefill = model.jit(_prefill, static_argnames="cache_len")
+    vision_index = inputs.vision_index if inputs.vision is not None else None
+    return prefill(params, inputs.prompt_tokens, inputs.positions, inputs.start, vision_embeds, deepstack,
+                   vision_index, rng, *_knobs(cfg), cache_len=cache_len)
+
+
+def _knobs(cfg: SamplingConfig):
+    return np.float32(cfg.temperature), np.int32(cfg.top_k), np.float32(cfg.top_p)
+
+
+class Detokenizer:
+    """Incremental detokenizer: emits text only once it is complete UTF-8; the pieces join to decode(all)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.prefix, self.read = tokenizer, [], 0, 0
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character decodes as U+FFFD, as decode() does)."""
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before) :]
+
+
+def sample_streaming(model: M.Qwen3VL, params, inputs: VLMInputs, sampling_cfg: SamplingConfig, rng,
+                     tokenizer=None) -> Iterator[tuple[int, str, float]]:
+    """Yield (token_id, new_text, logprob) per generated token, batch 1. Text is '' without a tokenizer,
+    for special tokens and while a multi-byte character is incomplete. Closing the generator stops it."""
+    if inputs.num_rows != 1:
+        raise ValueError(f"sample_streaming takes one row, got {inputs.num_rows}; use sample() for batches")
+    cfg = sampling_cfg.resolved(model)
+    token, logprob, cache = _start(model, params, inputs, cfg, rng)
+    step = model.jit(_step, donate_argnames="cache")
+    args = (inputs.next_position, inputs.start, np.int32(inputs.prompt_tokens.shape[1]))
+    detok = Detokenizer(tokenizer) if tokenizer is not None else None
+    eos = set(cfg.eos_id)
+    for i in range(cfg.max_new_tokens):
+        pending = None
+        if i + 1 < cfg.max_new_tokens:  # dispatch step i before reading token i: device works while host decodes
+            pending = step(params, cache, token, *args, np.int32(i), rng, *_knobs(cfg))
+        tok, lp = int(token[0]), float(logprob[0])
+        last = tok in eos or pending is None
+        text = ""
+        if detok is not None:
+            text = detok.flush() if tok in eos else detok.push(tok) + (detok.flush() if last else "")
+        yield tok, text, lp
+        if last:
+            return
+        token, logprob, cache = pending
+
+
+def sample(model: M.Qwen3VL, params, inputs: VLMInputs, sampling_cfg: SamplingConfig, rng,
+           tokenizer=None) -> SampleResult:
+    """The whole decode loop in one jitted lax.scan, any batch; each row is cut at its own eos."""
+    cfg = sampling_cfg.resolved(model)
+    token, logprob, cache = _start(model, params, inputs, cfg, rng)
+    steps = bucket(cfg.max_new_tokens, STEPS_BUCKET_MIN)
+    generate = model.jit(_generate, static_argnames="steps", donate_argnames="cache")
+    tokens, logprobs = generate(params, cache, token, inputs.next_position, inputs.start,
+                                np.int32(inputs.prompt_tokens.shape[1]), rng, *_knobs(cfg),
+                                np.int32(cfg.max_new_tokens), np.asarray(cfg.eos_id, np.int32), steps=steps)
+    tokens = np.concatenate([np.asarray(token)[:, None], np.asarray(tokens)], axis=1)[:, : cfg.max_new_tokens]
+    logprobs = np.concatenate([np.asarray(logprob)[:, None], np.asarray(logprobs)], axis=1)
+    out_tokens, out_logprobs, texts = [], [], []
+    for row in range(inputs.num_rows):
+        ids = tokens[row].tolist()
+        hits = [j for j, t in enumerate(ids) if t in cfg.eos_id]
+        n = hits[0] + 1 if hits else len(ids)
+        out_tokens.append(ids[:n])
+        out_logprobs.append(logprobs[row, :n].tolist())
+        texts.append(tokenizer.decode(ids[:n], skip_special_tokens=True) if tokenizer is not None else "")
+    return SampleResult(texts=texts, tokens=out_tokens, logprobs=out_logprobs)

@@ -1,0 +1,134 @@
+"""Qwen3-VL vision tower: patch embed, interpolated position embedding, 2-D RoPE blocks, mergers.
+
+Everything that depends on the image grids (position-embedding taps, rotary ids, which image a
+patch belongs to) is computed on the host in NumPy (`vision_metadata`), so `encode` is a pure,
+jittable function of fixed-shape arrays and compiles once per patch-count bucket.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import VisionConfig
+from .ops import Params, apply_rope, layer_norm, linear
+
+
+@dataclass(frozen=True)
+class VisionBatch:
+    """All images of a request, packed and padded to `patches.shape[0]` (a bucket size)."""
+
+    patches: np.ndarray  # [N, C*T*P*P] float32 pixel patches, merge-window order
+    pos_taps: np.ndarray  # [N, 4] int32 rows of the learned pos_embed table (bilinear taps)
+    pos_weights: np.ndarray  # [N, 4] float32 bilinear weights (0 for padding)
+    rope_ids: np.ndarray  # [N, 2] int32 (row, col) of each patch in its image
+    segment: np.ndarray  # [N] int32 image index of each patch, -1 for padding
+    num_patches: int  # real patches before padding
+
+
+def _axis_taps(index: np.ndarray, size: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear (align_corners=True) taps and weights along one axis of the side x side table."""
+    src = index.astype(np.float32) * np.float32(side - 1) / np.maximum(size - 1, 1).astype(np.float32)
+    floor = np.floor(src)
+    offsets = np.arange(2)
+    taps = np.clip(floor.astype(np.int64)[:, None] + offsets, 0, side - 1)
+    weights = np.clip(1 - np.abs(src[:, None] - floor[:, None] - offsets), 0, None)
+    return taps, weights.astype(np.float32)
+
+
+def vision_metadata(grids: list[tuple[int, int, int]], cfg: VisionConfig, padded: int) -> dict[str, np.ndarray]:
+    """Host-side per-patch metadata for `grids` (one (t, h, w) per image), padded to `padded` patches."""
+    m, side = cfg.spatial_merge_size, int(round(cfg.num_position_embeddings**0.5))
+    rows, cols, heights, widths, segment = [], [], [], [], []
+    for i, (t, h, w) in enumerate(grids):
+        r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        # raster [h, w] -> merge-window order [h/m, w/m, m, m]
+        r = r.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).reshape(-1)
+        c = c.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).reshape(-1)
+        rows.append(np.tile(r, t))
+        cols.append(np.tile(c, t))
+        heights.append(np.full(t * h * w, h))
+        widths.append(np.full(t * h * w, w))
+        segment.append(np.full(t * h * w, i))
+    row, col = np.concatenate(rows), np.concatenate(cols)
+    h_taps, h_w = _axis_taps(row, np.concatenate(heights), side)
+    w_taps, w_w = _axis_taps(col, np.concatenate(widths), side)
+    taps = (h_taps[:, :, None] * side + w_taps[:, None, :]).reshape(-1, 4)
+    weights = (h_w[:, :, None] * w_w[:, None, :]).reshape(-1, 4)
+    n, pad = len(row), padded - len(row)
+    if pad < 0:
+        raise ValueError(f"{n} patches do not fit the bucket of {padded}")
+    return {
+        "pos_taps": np.pad(taps, ((0, pad), (0, 0))).astype(np.int32),
+        "pos_weights": np.pad(weights, ((0, pad), (0, 0))).astype(np.float32),
+        "rope_ids": np.pad(np.stack([row, col], -1), ((0, pad), (0, 0))).astype(np.int32),
+        "segment": np.pad(np.concatenate(segment), (0, pad), constant_values=-1).astype(np.int32),
+    }
+
+
+def pack_images(patches: list[np.ndarray], grids: list[tuple[int, int, int]], cfg: VisionConfig, padded: int) -> VisionBatch:
+    """Concatenate per-image pixel patches and pad them (and their metadata) to `padded` rows."""
+    flat = np.concatenate(patches, axis=0).astype(np.float32)
+    n = flat.shape[0]
+    flat = np.pad(flat, ((0, padded - n), (0, 0)))
+    return VisionBatch(patches=flat, num_patches=n, **vision_metadata(grids, cfg, padded))
+
+
+def _rotary(rope_ids: jax.Array, cfg: VisionConfig) -> tuple[jax.Array, jax.Array]:
+    """Axial 2-D rotary: half the frequencies follow the row, half the column. -> cos/sin [N, 1, head_dim]."""
+    spatial = cfg.head_dim // 2
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, spatial, 2, dtype=jnp.float32) / spatial))
+    freqs = rope_ids.astype(jnp.float32)[:, :, None] * inv_freq  # [N, 2, head_dim/4]
+    freqs = freqs.reshape(freqs.shape[0], -1)  # [N, head_dim/2]: rows then cols
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, None, :]  # [N, 1, head_dim]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def _block(x: jax.Array, p: Params, cos, sin, mask, cfg: VisionConfig) -> jax.Array:
+    n = x.shape[0]
+    h = layer_norm(x, p["norm1"])
+    qkv = linear(h, p["attn"]["qkv"]).reshape(n, 3, cfg.num_heads, cfg.head_dim)  # [N, 3, H, D]
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    q = apply_rope(q.astype(jnp.float32), cos, sin).astype(x.dtype)
+    k = apply_rope(k.astype(jnp.float32), cos, sin).astype(x.dtype)
+    scores = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) * cfg.head_dim**-0.5
+    scores = jnp.where(mask[None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    attn = jnp.einsum("hqk,khd->qhd", probs, v).reshape(n, -1)  # [N, H*D]
+    x = x + linear(attn, p["attn"]["proj"])
+    h = jax.nn.gelu(linear(layer_norm(x, p["norm2"]), p["mlp"]["linear_fc1"]), approximate=True)
+    return x + linear(h, p["mlp"]["linear_fc2"])
+
+
+def _merger(x: jax.Array, p: Params, cfg: VisionConfig, postshuffle: bool) -> jax.Array:
+    """LayerNorm, concatenate each 2x2 merge window, MLP with exact (erf) GELU -> [N/4, text hidden]."""
+    window = cfg.spatial_merge_size**2 * cfg.hidden_size
+    if postshuffle:
+        x = layer_norm(x.reshape(-1, window), p["norm"])
+    else:
+        x = layer_norm(x, p["norm"]).reshape(-1, window)
+    x = jax.nn.gelu(linear(x, p["linear_fc1"]), approximate=False)
+    return linear(x, p["linear_fc2"])
+
+
+def encode(params: Params, cfg: VisionConfig, patches, pos_taps, pos_weights, rope_ids, segment):
+    """Vision tower on a packed batch -> (image embeds [N/4, D], deepstack features [k, N/4, D])."""
+    dtype = params["pos_embed"]["weight"].dtype
+    pe = params["patch_embed"]["proj"]
+    x = jnp.einsum("np,op->no", patches.astype(dtype), pe["weight"]) + pe["bias"]  # conv3d as a linear
+    table = params["pos_embed"]["weight"]
+    pos = jnp.sum(table[pos_taps].astype(jnp.float32) * pos_weights[:, :, None], axis=1)  # [N, hidden]
+    x = x + pos.astype(dtype)
+    cos, sin = _rotary(rope_ids, cfg)
+    mask = segment[:, None] == segment[None, :]  # block-diagonal: attend within each image only
+    deepstack = []
+    for i, block in enumerate(params["blocks"]):
+        x = _block(x, block, cos, sin, mask, cfg)
+        if i in cfg.deepstack_visual_indexes:
+            k = cfg.deepstack_visual_indexes.index(i)
+            deepstack.append(_merger(x, params["deepstack_merger_list"][k], cfg, postshuffle=True))
+    merged = _merger(x, params["merger"], cfg, postshuffle=False)
+    return merged, jnp.stack(deepstack) if deepstack else jnp.zeros((0, *merged.shape), merged.dtype)
