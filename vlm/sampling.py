@@ -71,16 +71,16 @@ def process_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
     """transformers' TemperatureLogitsWarper -> TopKLogitsWarper -> TopPLogitsWarper on [B, V] logits."""
     neg = -jnp.inf
     x = logits / jnp.where(temperature > 0, temperature, 1.0)
-    order = jnp.argsort(x, axis=-1, stable=True)  # ascending, as torch.sort in TopPLogitsWarper
-    asc = jnp.take_along_axis(x, order, axis=-1)
+    asc = jnp.sort(x, axis=-1)  # ascending, as in TopPLogitsWarper
     vocab = x.shape[-1]
     kth = asc[:, vocab - jnp.clip(top_k, 1, vocab)][:, None]  # k-th largest value; ties are kept
     asc = jnp.where((top_k > 0) & (asc < kth), neg, asc)
     cum = jnp.cumsum(jax.nn.softmax(asc, axis=-1), axis=-1)
     drop = (cum <= 1 - top_p).at[:, -1].set(False)  # always keep the most likely token
-    drop = drop | (asc == neg)
-    drop = jnp.zeros_like(drop).at[jnp.arange(x.shape[0])[:, None], order].set(drop)
-    return jnp.where(drop, neg, x)
+    # Keep every token tied with the smallest kept one: transformers' choice among exact ties at the cut
+    # depends on torch.sort's unspecified tie order; keeping all of them is the deterministic superset.
+    smallest_kept = jnp.min(jnp.where(drop, jnp.inf, asc), axis=-1, keepdims=True)
+    return jnp.where((x >= smallest_kept) & ((top_k <= 0) | (x >= kth)), x, neg)
 
 
 def choose(logits: jax.Array, key, temperature, top_k, top_p) -> tuple[jax.Array, jax.Array]:
@@ -229,7 +229,7 @@ def sample(model: M.Qwen3VL, params, inputs: VLMInputs, sampling_cfg: SamplingCo
     cfg = sampling_cfg.resolved(model)
     token, logprob, cache = _start(model, params, inputs, cfg, rng)
     steps = bucket(cfg.max_new_tokens, STEPS_BUCKET_MIN)
-    generate = model.jit(_generate, static_argnames="steps", donate_argnames="cache")
+    generate = model.jit(_generate, static_argnames="steps")
     tokens, logprobs = generate(params, cache, token, inputs.next_position, inputs.start,
                                 np.int32(inputs.prompt_tokens.shape[1]), rng, *_knobs(cfg),
                                 np.int32(cfg.max_new_tokens), np.asarray(cfg.eos_id, np.int32), steps=steps)
