@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -60,11 +61,18 @@ def _as_list(x, n: int | None = None) -> list:
 
 
 def prepare_inputs(model, params, tokenizer, images: Sequence[Any] | Any, prompts: Sequence[Any] | str,
-                   pad_id: int | None = None) -> VLMInputs:
+                   pad_id: int | None = None, max_pixels: int | None = None) -> VLMInputs:
     """images[i]: None, an image (PIL / path / array) or a list of images for row i.
     prompts[i]: a str (one user turn, the row's images before the text) or a list of HF chat messages
-    whose {"type": "image"} parts take the row's images in order."""
+    whose {"type": "image"} parts take the row's images in order.
+    max_pixels: resize budget per image (default: the checkpoint's preprocessor_config, 16 MP for Qwen3-VL;
+    vision attention memory grows with its square, so demos set ~1 MP)."""
     del params  # inputs depend only on the config; kept for the original API's signature
+    pre = model.preprocess
+    if max_pixels is not None:
+        if max_pixels < pre.min_pixels:
+            raise ValueError(f"max_pixels must be >= the checkpoint's min_pixels ({pre.min_pixels}), got {max_pixels}")
+        pre = dataclasses.replace(pre, max_pixels=int(max_pixels))
     if isinstance(prompts, str):
         prompts, images = [prompts], [images]
     if not isinstance(images, (list, tuple)) or len(images) != len(prompts):
@@ -76,12 +84,15 @@ def prepare_inputs(model, params, tokenizer, images: Sequence[Any] | Any, prompt
         row_images = [] if row_images is None else _as_list(row_images)
         counts = []
         for image in row_images:
-            patches, grid = processing.preprocess_image(processing.load_image(image), model.preprocess)
+            patches, grid = processing.preprocess_image(processing.load_image(image), pre)
             all_patches.append(patches)
             grids.append(grid)
             counts.append(int(np.prod(grid)) // merge)
         messages = [processing.user_message(prompt, len(row_images))] if isinstance(prompt, str) else prompt
         ids = np.asarray(processing.build_prompt_ids(tokenizer, messages, counts, cfg.image_token_id), np.int32)
+        if len(ids) >= cfg.text.max_position_embeddings:
+            raise ValueError(f"the prompt is {len(ids)} tokens; the model's context is "
+                             f"{cfg.text.max_position_embeddings} tokens")
         pos, delta = processing.get_rope_index(ids, grids[len(grids) - len(counts):], cfg.image_token_id,
                                                vcfg.spatial_merge_size)
         rows.append((ids, pos, delta))
