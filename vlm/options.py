@@ -65,7 +65,7 @@ class InferenceOptions:
     batch: list[BatchItem] = _opt(
         list,
         "run.py: several rows in one scan, a YAML list of paths or {image, prompt}: "
-        "'[a.png, {image: b.png, prompt: What colour?}]'; a row without prompt uses inference.prompt",
+        "\"[a.png, {image: b.png, prompt: 'What colour?'}]\"; a row without prompt uses inference.prompt",
     )
 
 
@@ -127,9 +127,13 @@ class OptionError(ValueError):
 
 def _parse_batch(raw: str) -> list[dict]:
     """YAML list of paths or {image, prompt} mappings -> list of dicts."""
-    value = OmegaConf.to_container(OmegaConf.from_dotlist([f"batch={raw}"]))["batch"]
+    try:
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"batch={raw}"]))["batch"]
+    except Exception as e:  # yaml.YAMLError, OmegaConf grammar errors
+        msg = " ".join(str(e).split())
+        raise OptionError(f"inference.batch is not a valid YAML list ({msg[:120]}); quote prompts with ':' '?' ',' etc. in single quotes") from None
     if not isinstance(value, list):
-        raise OptionError(f"inference.batch={raw!r}: expected a YAML list like '[a.png, {{image: b.png, prompt: Hi}}]'")
+        raise OptionError(f"inference.batch={raw!r}: expected a YAML list like \"[a.png, {{image: b.png, prompt: 'Hi?'}}]\"")
     rows = []
     for item in value:
         if isinstance(item, str):

@@ -1,0 +1,103 @@
+"""Answer one question about an image, printing tokens as they come.
+
+    python run_streaming.py inference.image=examples/imgs/panda_climbing.png inference.prompt="Describe this image"
+    python run_streaming.py model.name=tiny ...      # offline, random weights
+    python run_streaming.py --help                   # every key with its default
+
+stdout carries only the answer; the backend, load time and speed go to stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from vlm.options import Options, dtype_arg, parse
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def fail(prog: str, msg: str) -> int:
+    """One line on stderr, exit status 1."""
+    log(f"{prog}: error: {' '.join(str(msg).split())}")
+    return 1
+
+
+def load_image(prog: str, path: str | None):
+    """Path -> (RGB image, notes); None for a text-only question. Raises SystemExit(1) with one line on a bad file."""
+    if path is None:
+        return None
+    from vlm.processing import ImageError, load_image_with_notes
+
+    try:
+        image, notes = load_image_with_notes(path)
+    except (ImageError, OSError) as e:  # the library's message names the file and what is wrong with it
+        raise SystemExit(fail(prog, e)) from None
+    for note in notes:
+        log(f"note: {path}: {note}")
+    return image
+
+
+def setup(prog: str, opts: Options):
+    """Validate sampling options, print the backend, load the model; one line and exit 1 on failure."""
+    import jax
+
+    from vlm import SamplingConfig, load_model
+
+    s = opts.sampling
+    try:
+        cfg = SamplingConfig(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens)
+    except ValueError as e:
+        raise SystemExit(fail(prog, e)) from None
+    log(f"backend: {jax.default_backend()} {jax.devices()}")
+    t0 = time.perf_counter()
+    try:
+        model, params, tokenizer = load_model(opts.model.name, dtype=dtype_arg(opts))
+    except Exception as e:  # hub errors, missing files, bad checkpoints: one line, not a traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(fail(prog, f"could not load model {opts.model.name!r}: {first}")) from None
+    log(f"loaded {opts.model.name} in {time.perf_counter() - t0:.1f} s")
+    return cfg, model, params, tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    prog = "run_streaming.py"
+    opts = parse(sys.argv[1:] if argv is None else argv, ("model", "sampling", "inference"), prog=prog)
+    if opts.inference.batch:
+        return fail(prog, "inference.batch is for run.py; run_streaming.py answers one question (inference.image, inference.prompt)")
+    image = load_image(prog, opts.inference.image)
+    cfg, model, params, tokenizer = setup(prog, opts)
+
+    import jax
+
+    from vlm import prepare_inputs, sample_streaming
+
+    try:
+        inputs = prepare_inputs(model, params, tokenizer, images=[image], prompts=[opts.inference.prompt])
+    except ValueError as e:
+        return fail(prog, e)
+    compiles = model.compile_count
+    t0 = time.perf_counter()
+    t_first, n = None, 0
+    for _token, text, _logprob in sample_streaming(model, params, inputs, cfg, jax.random.key(opts.sampling.seed), tokenizer=tokenizer):
+        if t_first is None:
+            t_first = time.perf_counter()
+        n += 1
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    total = time.perf_counter() - t0
+    rate = (n - 1) / (total - (t_first - t0)) if n > 1 and total > t_first - t0 else 0.0
+    compiled = "yes" if model.compile_count > compiles else "no"
+    log(f"{n} tokens in {total:.2f} s: first token after {(t_first or t0) - t0:.2f} s, then {rate:.1f} tokens/s (compiled this run: {compiled})")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
