@@ -79,9 +79,10 @@ def test_greedy_decoding_varies_with_clear_margins(tiny_dir):
     model = transformers.Qwen3VLForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     ids = torch.tensor([[151644, 872, 198, 9707, 11, 1879, 0, 151645, 198, 151644, 77091, 198]])
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None, output_scores=True,
-                             return_dict_in_generate=True)
+        out = model.generate(
+            ids, max_new_tokens=24, do_sample=False, eos_token_id=None, output_scores=True, return_dict_in_generate=True
+        )
     top2 = torch.stack(out.scores)[:, 0].topk(2).values
     margins = top2[:, 0] - top2[:, 1]
-    assert len(set(out.sequences[0, ids.shape[1]:].tolist())) > 12
+    assert len(set(out.sequences[0, ids.shape[1] :].tolist())) > 12
     assert (margins > 0.05).float().mean() > 0.8
