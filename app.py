@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import gradio as gr
@@ -31,6 +32,8 @@ EXAMPLES = [
     ("stadium_aerial.png", "What sport is played here? Describe the view."),
 ]
 UI_EVERY_S = 0.05  # at most ~20 screen updates a second while streaming
+# CPU backends cannot donate the KV cache buffer; jax warns on every compile, which is noise here.
+warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
 
 def log(msg: str) -> None:
@@ -66,7 +69,19 @@ class Backend:
             image = str(HERE / "examples" / "imgs" / EXAMPLES[0][0])
             s = self.opts.sampling
             for mode in (STREAMING, BATCH):  # same shapes as a default request: image bucket, cache length, scan length
-                updates = run(self, image, EXAMPLES[0][1], [], mode, s.temperature, s.top_p, s.top_k, s.max_new_tokens, s.seed, warm_up=True)
+                updates = run(
+                    self,
+                    image,
+                    EXAMPLES[0][1],
+                    [],
+                    mode,
+                    s.temperature,
+                    s.top_p,
+                    s.top_k,
+                    s.max_new_tokens,
+                    s.seed,
+                    warm_up=True,
+                )
                 for i, _ in enumerate(updates):
                     if mode == STREAMING and i >= 2:  # prefill and decode step compiled: no need for the whole answer
                         break
@@ -124,7 +139,7 @@ def batch_pieces(tokenizer, tokens, logprobs) -> list[tuple[str, float]]:
         if text.endswith("\ufffd"):  # an incomplete character: wait for the next token
             pieces.append(("", float(lp)))
             continue
-        pieces.append((text[len(prev):], float(lp)))
+        pieces.append((text[len(prev) :], float(lp)))
         prev = text
     return pieces
 
@@ -132,13 +147,28 @@ def batch_pieces(tokenizer, tokens, logprobs) -> list[tuple[str, float]]:
 def stats_line(mode: str, n: int, t0: float, t_first: float | None, compiled: bool, stopped: bool = False) -> str:
     total = time.perf_counter() - t0
     rate = n / total if total > 0 else 0.0
-    first = f"first token {t_first - t0:.2f} s" if mode == STREAMING and t_first else f"whole answer after {total:.2f} s"
+    first = (
+        f"first token {t_first - t0:.2f} s" if mode == STREAMING and t_first else f"whole answer after {total:.2f} s"
+    )
     sampler = "streaming (Python loop over the jitted decode step)" if mode == STREAMING else "batch (one lax.scan)"
     end = " · stopped" if stopped else ""
-    return f"{first} · {n} tokens · {rate:.1f} tokens/s · sampler: {sampler} · compiled: {'yes' if compiled else 'no'}{end}"
+    compiled_text = "yes" if compiled else "no"
+    return f"{first} · {n} tokens · {rate:.1f} tokens/s · sampler: {sampler} · compiled: {compiled_text}{end}"
 
 
-def run(backend: Backend, image, prompt, history, mode, temperature, top_p, top_k, max_new_tokens, seed, warm_up: bool = False):
+def run(
+    backend: Backend,
+    image,
+    prompt,
+    history,
+    mode,
+    temperature,
+    top_p,
+    top_k,
+    max_new_tokens,
+    seed,
+    warm_up: bool = False,
+):
     """The generation endpoint. Yields (chat history, stats line, shaded tokens) as the answer grows."""
     import jax
 
@@ -151,11 +181,19 @@ def run(backend: Backend, image, prompt, history, mode, temperature, top_p, top_
     if mode not in (STREAMING, BATCH):
         raise gr.Error(f"Unknown sampler {mode!r}: choose {STREAMING!r} or {BATCH!r}.")
     try:
-        cfg = SamplingConfig(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k), max_new_tokens=int(max_new_tokens))
-        seed = int(seed)
+        whole = {"top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed}
+        for name, value in whole.items():
+            if isinstance(value, bool) or not float(value).is_integer():
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
+        top_k, max_new_tokens, seed = (int(float(v)) for v in whole.values())
+        cfg = SamplingConfig(
+            temperature=float(temperature), top_p=float(top_p), top_k=top_k, max_new_tokens=max_new_tokens
+        )
     except (TypeError, ValueError) as e:
         raise gr.Error(f"Bad sampling setting: {e}") from None
     pil, notes = None, []
+    if isinstance(image, dict):  # the upload's FileData payload (events run with preprocess=False)
+        image = image.get("path")
     if image:
         try:
             pil, notes = load_image_with_notes(image)
@@ -172,7 +210,9 @@ def run(backend: Backend, image, prompt, history, mode, temperature, top_p, top_
     model, params, tokenizer = backend.model, backend.params, backend.tokenizer
 
     try:
-        inputs = prepare_inputs(model, params, tokenizer, images=[pil], prompts=[hf_messages(history, prompt, pil is not None)])
+        inputs = prepare_inputs(
+            model, params, tokenizer, images=[pil], prompts=[hf_messages(history, prompt, pil is not None)]
+        )
     except ValueError as e:
         raise gr.Error(str(e)) from None
     key = jax.random.key(seed)
@@ -191,7 +231,11 @@ def run(backend: Backend, image, prompt, history, mode, temperature, top_p, top_
                 if time.perf_counter() - last >= UI_EVERY_S:
                     last = time.perf_counter()
                     chat[-1]["content"] = answer
-                    yield chat, stats_line(mode, len(pieces), t0, t_first, model.compile_count > compiles) + note, shade(pieces)
+                    yield (
+                        chat,
+                        stats_line(mode, len(pieces), t0, t_first, model.compile_count > compiles) + note,
+                        shade(pieces),
+                    )
             done = True
         finally:
             stream.close()  # Stop / disconnect: gradio closes this generator, which ends the decode loop here
@@ -199,18 +243,6 @@ def run(backend: Backend, image, prompt, history, mode, temperature, top_p, top_
                 log(f"generation stopped after {len(pieces)} tokens")
     chat[-1]["content"] = answer
     yield chat, stats_line(mode, len(pieces), t0, t_first, model.compile_count > compiles) + note, shade(pieces)
-
-
-class ImageInput(gr.Image):
-    """gr.Image that passes the upload's path on undecoded, so the library's loader judges (and explains) bad files."""
-
-    def get_block_name(self) -> str:
-        return "image"
-
-    def preprocess(self, payload):
-        if payload is None or (payload.url or "").startswith("data:"):
-            return super().preprocess(payload)
-        return payload.path
 
 
 def build(backend: Backend) -> gr.Blocks:
@@ -234,7 +266,9 @@ def build(backend: Backend) -> gr.Blocks:
         return backend.status, gr.Timer(active=not backend.ready.is_set())
 
     with gr.Blocks(title="Qwen3-VL in JAX") as demo:
-        gr.Markdown("# Qwen3-VL in JAX\nAsk about an image. Answers stream token by token, or come whole from one `lax.scan`.")
+        gr.Markdown(
+            "# Qwen3-VL in JAX\nAsk about an image. Answers stream token by token, or come whole from one `lax.scan`."
+        )
         if opts.model.name == "tiny":
             gr.Markdown(
                 "⚠️ **Tiny offline mode**: this model has random weights, so its answers are random tokens, "
@@ -244,7 +278,14 @@ def build(backend: Backend) -> gr.Blocks:
         status_md = gr.Markdown(backend.status, elem_id="status")
         with gr.Row():
             with gr.Column(scale=1):
-                image = ImageInput(type="filepath", sources=["upload", "clipboard", "webcam"], label="Image (a new image starts a new chat)", height=320)
+                image = gr.Image(
+                    type="filepath",
+                    image_mode=None,
+                    sources=["upload", "clipboard", "webcam"],
+                    height=320,
+                    label="Image (a new image starts a new chat)",
+                    elem_id="image",
+                )
                 prompt = gr.Textbox(label="Question", placeholder="Describe this image", lines=2, elem_id="prompt")
                 mode = gr.Radio([STREAMING, BATCH], value=STREAMING, label="Sampler", elem_id="mode")
                 with gr.Row():
@@ -252,32 +293,54 @@ def build(backend: Backend) -> gr.Blocks:
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")
                     clear = gr.Button("Clear", elem_id="clear")
                 with gr.Accordion("Sampling", open=False):
-                    temperature = gr.Slider(0, 2, value=s.temperature, step=0.05, label="Temperature (0 = greedy)")
+                    temperature = gr.Slider(
+                        0, 2, value=s.temperature, step=0.05, label="Temperature (0 = greedy)", elem_id="temperature"
+                    )
                     top_p = gr.Slider(0.01, 1, value=s.top_p, step=0.01, label="Top-p")
                     top_k = gr.Slider(0, 200, value=s.top_k, step=1, label="Top-k (0 = off)")
-                    max_new_tokens = gr.Slider(1, max(2048, s.max_new_tokens), value=s.max_new_tokens, step=1, label="Max new tokens")
+                    max_new_tokens = gr.Slider(
+                        1,
+                        max(2048, s.max_new_tokens),
+                        value=s.max_new_tokens,
+                        step=1,
+                        label="Max new tokens",
+                        elem_id="max-new-tokens",
+                    )
                     seed = gr.Number(value=s.seed, precision=0, label="Seed")
             with gr.Column(scale=1):
-                chatbot = gr.Chatbot(label="Conversation", height=380, elem_id="chat")
+                chatbot = gr.Chatbot(
+                    label="Conversation",
+                    height=380,
+                    elem_id="chat",
+                    placeholder="Upload an image or pick an example below, ask a question, press Generate.",
+                )
                 stats = gr.Markdown("", elem_id="stats")
-                tokens = gr.HighlightedText(label="Tokens shaded by uncertainty (1 − p): redder = the model was less sure", elem_id="tokens")
+                tokens = gr.HighlightedText(
+                    label="Tokens shaded by uncertainty (1 − p): redder = the model was less sure", elem_id="tokens"
+                )
         gr.Examples(
             [[str(HERE / "examples" / "imgs" / name), p] for name, p in EXAMPLES],
             inputs=[image, prompt],
             label="Examples (one photo and four labelled stand-in drawings, see examples/imgs/README.md)",
+            elem_id="examples",
         )
 
         inputs = [image, prompt, chatbot, mode, temperature, top_p, top_k, max_new_tokens, seed]
         outputs = [chatbot, stats, tokens]
+        # preprocess=False: gradio still checks and caches the upload, but hands over its path undecoded, so the
+        # library's loader judges the file and explains what is wrong with it
         events = [
-            go.click(generate, inputs, outputs, api_name="generate", concurrency_id="model"),
-            prompt.submit(generate, inputs, outputs, api_visibility="private", concurrency_id="model"),
+            go.click(generate, inputs, outputs, api_name="generate", concurrency_id="model", preprocess=False),
+            prompt.submit(
+                generate, inputs, outputs, api_visibility="private", concurrency_id="model", preprocess=False
+            ),
         ]
         for ev in events:
             ev.success(lambda: "", None, prompt, api_visibility="private", queue=False)
         stop.click(None, None, None, cancels=events)
         clear.click(lambda: ([], "", []), None, outputs, cancels=events, api_visibility="private", queue=False)
         image.change(lambda: ([], "", []), None, outputs, api_visibility="private", queue=False)
+        chatbot.clear(lambda: ("", []), None, [stats, tokens], cancels=events, api_visibility="private", queue=False)
         timer = gr.Timer(1.0)
         timer.tick(tick, None, [status_md, timer], api_visibility="private", queue=False)
         demo.load(status, None, status_md, api_name="status", queue=False)

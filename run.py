@@ -1,7 +1,8 @@
 """Answer questions about images with the batch sampler (one `lax.scan` for all rows), printing whole answers.
 
     python run.py inference.image=examples/imgs/panda_climbing.png inference.prompt="Describe this image"
-    python run.py inference.batch='[examples/imgs/panda_climbing.png, {image: examples/imgs/coffee_laptop.png, prompt: What is on the table?}]'
+    python run.py inference.batch="[examples/imgs/panda_climbing.png, {image: examples/imgs/coffee_laptop.png,
+                                    prompt: 'What is on the table?'}]"
     python run.py --help
 
 One row: stdout is the answer. Several rows (inference.batch): stdout is one JSON object per row,
@@ -39,14 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     res = sample(model, params, inputs, cfg, jax.random.key(opts.sampling.seed), tokenizer=tokenizer)
     total = time.perf_counter() - t0
     if inf.batch:
-        for (path, prompt), text in zip(rows, res.texts):
+        for (path, prompt), text in zip(rows, res.texts, strict=True):
             print(json.dumps({"image": path, "prompt": prompt, "answer": text}, ensure_ascii=False))
     else:
         print(res.texts[0])
     sys.stdout.flush()
     n = sum(len(t) for t in res.tokens)
     compiled = "yes" if model.compile_count > compiles else "no"
-    log(f"{n} tokens for {len(rows)} row(s) in {total:.2f} s, {n / total if total else 0:.1f} tokens/s (compiled this run: {compiled})")
+    rate = n / total if total else 0.0
+    log(f"{n} tokens for {len(rows)} row(s) in {total:.2f} s, {rate:.1f} tokens/s (compiled this run: {compiled})")
     return 0
 
 

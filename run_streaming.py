@@ -9,10 +9,15 @@ stdout carries only the answer; the backend, load time and speed go to stderr.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+import warnings
 
 from vlm.options import Options, dtype_arg, parse
+
+# CPU backends cannot donate the KV cache buffer; jax warns on every compile, which is noise here.
+warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
 
 def log(msg: str) -> None:
@@ -56,8 +61,10 @@ def setup(prog: str, opts: Options):
     try:
         model, params, tokenizer = load_model(opts.model.name, dtype=dtype_arg(opts))
     except Exception as e:  # hub errors, missing files, bad checkpoints: one line, not a traceback
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(fail(prog, f"could not load model {opts.model.name!r}: {first}")) from None
+        why = " ".join(str(e).split())[:400] or type(e).__name__
+        offline = opts.model.name == "tiny" or os.path.isdir(opts.model.name)
+        hint = "" if offline else " (no network? model.name=tiny runs offline)"
+        raise SystemExit(fail(prog, f"could not load model {opts.model.name!r}: {why}{hint}")) from None
     log(f"loaded {opts.model.name} in {time.perf_counter() - t0:.1f} s")
     return cfg, model, params, tokenizer
 
@@ -66,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     prog = "run_streaming.py"
     opts = parse(sys.argv[1:] if argv is None else argv, ("model", "sampling", "inference"), prog=prog)
     if opts.inference.batch:
-        return fail(prog, "inference.batch is for run.py; run_streaming.py answers one question (inference.image, inference.prompt)")
+        return fail(
+            prog,
+            "inference.batch is for run.py; run_streaming.py answers one question (inference.image, inference.prompt)",
+        )
     image = load_image(prog, opts.inference.image)
     cfg, model, params, tokenizer = setup(prog, opts)
 
@@ -81,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     compiles = model.compile_count
     t0 = time.perf_counter()
     t_first, n = None, 0
-    for _token, text, _logprob in sample_streaming(model, params, inputs, cfg, jax.random.key(opts.sampling.seed), tokenizer=tokenizer):
+    for _token, text, _logprob in sample_streaming(
+        model, params, inputs, cfg, jax.random.key(opts.sampling.seed), tokenizer=tokenizer
+    ):
         if t_first is None:
             t_first = time.perf_counter()
         n += 1
@@ -90,9 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write("\n")
     sys.stdout.flush()
     total = time.perf_counter() - t0
-    rate = (n - 1) / (total - (t_first - t0)) if n > 1 and total > t_first - t0 else 0.0
+    ttft = (t_first or t0) - t0
+    rate = (n - 1) / (total - ttft) if n > 1 and total > ttft else 0.0
     compiled = "yes" if model.compile_count > compiles else "no"
-    log(f"{n} tokens in {total:.2f} s: first token after {(t_first or t0) - t0:.2f} s, then {rate:.1f} tokens/s (compiled this run: {compiled})")
+    log(f"{n} tokens in {total:.2f} s: first token after {ttft:.2f} s, then {rate:.1f} tokens/s (compiled: {compiled})")
     return 0
 
 

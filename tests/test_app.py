@@ -30,23 +30,26 @@ def free_port() -> int:
 class AppServer:
     """A running `python app.py model.name=tiny` on a free loopback port; its stderr goes to a log file."""
 
-    def __init__(self, log_dir: pathlib.Path):
+    def __init__(self, log_dir: pathlib.Path, model: str = "tiny"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log_path = log_dir / f"app-{self.port}.log"
         self._log = open(self.log_path, "w")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
         self.proc = subprocess.Popen(
-            [sys.executable, "app.py", "model.name=tiny", f"server.port={self.port}"],
-            cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+            [sys.executable, "app.py", f"model.name={model}", f"server.port={self.port}"],
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         atexit.register(self.stop)
 
     def log(self) -> str:
         return self.log_path.read_text()
 
-    def wait_ready(self) -> None:
-        """Until the page is served and warm-up is done (the /status endpoint says Ready)."""
+    def wait_status(self, *words: str) -> str:
+        """Until the page is served and its /status shows one of `words` (warm-up done or failed); returns it."""
         from gradio_client import Client
 
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -59,11 +62,16 @@ class AppServer:
                 time.sleep(0.5)
         client = Client(self.url, verbose=False)
         while time.monotonic() < deadline:
-            if "Ready" in client.predict(api_name="/status"):
-                return
-            assert "Error" not in self.log().split("ready")[-1] or self.proc.poll() is None, self.log()
+            status = client.predict(api_name="/status")
+            if any(w in status for w in words):
+                return status
             time.sleep(1)
-        raise TimeoutError(f"app.py not ready after {READY_TIMEOUT_S} s:\n{self.log()}")
+        raise TimeoutError(f"app.py status not {words} after {READY_TIMEOUT_S} s:\n{self.log()}")
+
+    def wait_ready(self) -> None:
+        status = self.wait_status("Ready", "Error")
+        if "Ready" not in status:
+            raise RuntimeError(f"app.py could not warm up: {status}\n{self.log()}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -102,13 +110,33 @@ def text_of(message: dict) -> str:
     return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
 
 
-def ask(client, image=PANDA, prompt="Describe this image", history=(), mode=STREAMING, temperature=0.0, top_p=0.8,
-        top_k=20, max_new_tokens=24, seed=0):
+def ask(
+    client,
+    image=PANDA,
+    prompt="Describe this image",
+    history=(),
+    mode=STREAMING,
+    temperature=0.0,
+    top_p=0.8,
+    top_k=20,
+    max_new_tokens=24,
+    seed=0,
+):
     """Submit one /generate call; returns the job (not waited for)."""
     from gradio_client import handle_file
 
-    return client.submit(handle_file(image) if image else None, prompt, list(history), mode, temperature, top_p, top_k,
-                         max_new_tokens, seed, api_name="/generate")
+    return client.submit(
+        handle_file(image) if image else None,
+        prompt,
+        list(history),
+        mode,
+        temperature,
+        top_p,
+        top_k,
+        max_new_tokens,
+        seed,
+        api_name="/generate",
+    )
 
 
 def answers(job) -> list[str]:
@@ -121,7 +149,7 @@ def test_streaming_yields_growing_partials(client):
     texts = answers(ask(client, max_new_tokens=40))
     partials = [t for t in texts if t]
     assert len(set(partials)) >= 3, texts  # several distinct partial answers, then the final one
-    for a, b in zip(partials, partials[1:]):
+    for a, b in zip(partials, partials[1:], strict=False):
         assert b.startswith(a), (a, b)
     assert partials[-1] == texts[-1]
 
@@ -197,3 +225,18 @@ def test_status_endpoint_and_safe_defaults(server, client):
     assert "tiny" in client.predict(api_name="/status")
     assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == {"/generate", "/status"}
     assert "127.0.0.1" in server.log() and "share=False" in server.log()
+
+
+def test_a_model_that_cannot_load_is_reported_on_the_page(tmp_path):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    broken = AppServer(tmp_path, model=str(tmp_path))  # a folder without a checkpoint
+    try:
+        status = broken.wait_status("Error", "Ready")
+        assert "could not load" in status and "config.json" in status
+        with pytest.raises(AppError, match="The model could not be loaded"):
+            ask(Client(broken.url, verbose=False)).result(timeout=60)
+        assert broken.proc.poll() is None  # still serving
+    finally:
+        broken.stop()

@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 DEFAULT_MODEL = "Qwen/Qwen3-VL-2B-Instruct"
 
 
-class Dtype(str, enum.Enum):
+class Dtype(enum.StrEnum):
     """Parameter dtype; `auto` lets the loader choose (bfloat16 on accelerators, float32 on CPU)."""
 
     auto = "auto"
@@ -39,7 +39,10 @@ def _opt(default: Any, help: str, check: tuple[Callable[[Any], bool], str] | Non
 
 @dataclass
 class ModelOptions:
-    name: str = _opt(DEFAULT_MODEL, "hub id (e.g. Qwen/Qwen3-VL-4B-Instruct), local checkpoint dir, or 'tiny' (offline, random weights)")
+    name: str = _opt(
+        DEFAULT_MODEL,
+        "hub id (e.g. Qwen/Qwen3-VL-4B-Instruct), local checkpoint dir, or 'tiny' (offline, random weights)",
+    )
     dtype: Dtype = _opt(Dtype.auto, "parameter dtype: auto | float32 | bfloat16")
 
 
@@ -72,10 +75,14 @@ class InferenceOptions:
 @dataclass
 class ServerOptions:
     host: str = _opt("127.0.0.1", "address to bind; 0.0.0.0 exposes the demo to your network", env="GRADIO_SERVER_NAME")
-    port: int = _opt(7860, "port to listen on", (lambda v: 1 <= v <= 65535, "an integer in [1, 65535]"), env="GRADIO_SERVER_PORT")
+    port: int = _opt(
+        7860, "port to listen on", (lambda v: 1 <= v <= 65535, "an integer in [1, 65535]"), env="GRADIO_SERVER_PORT"
+    )
     share: bool = _opt(False, "create a public gradio.live link (off unless asked)")
     queue_size: int = _opt(32, "requests waiting at most; more are refused", (lambda v: v >= 1, "an integer >= 1"))
-    concurrency: int = _opt(1, "generations run at once (others queue and see their position)", (lambda v: v >= 1, "an integer >= 1"))
+    concurrency: int = _opt(
+        1, "generations run at once (others queue and see their position)", (lambda v: v >= 1, "an integer >= 1")
+    )
     max_upload_mb: float = _opt(10.0, "largest upload accepted, in MB", (lambda v: v > 0, "a number > 0"))
     debug: bool = _opt(False, "show Python errors and stack traces in the page")
 
@@ -115,7 +122,15 @@ def help_text(prog: str, sections: Sequence[str]) -> str:
         sec, name = key.split(".")
         default = getattr(getattr(defaults, sec), name)
         default = default.value if isinstance(default, enum.Enum) else default
-        default = "none" if default is None else "[]" if default == [] else str(default).lower() if isinstance(default, bool) else default
+        default = (
+            "none"
+            if default is None
+            else "[]"
+            if default == []
+            else str(default).lower()
+            if isinstance(default, bool)
+            else default
+        )
         env = f" (env {f.metadata['env']})" if f.metadata.get("env") else ""
         lines.append(f"  {key}={default}  [{_type_name(f)}]\n      {f.metadata['help']}{env}")
     return "\n".join(lines)
@@ -131,9 +146,13 @@ def _parse_batch(raw: str) -> list[dict]:
         value = OmegaConf.to_container(OmegaConf.from_dotlist([f"batch={raw}"]))["batch"]
     except Exception as e:  # yaml.YAMLError, OmegaConf grammar errors
         msg = " ".join(str(e).split())
-        raise OptionError(f"inference.batch is not a valid YAML list ({msg[:120]}); quote prompts with ':' '?' ',' etc. in single quotes") from None
+        raise OptionError(
+            f"inference.batch is not a valid YAML list ({msg[:120]}); put prompts with : ? , in single quotes"
+        ) from None
     if not isinstance(value, list):
-        raise OptionError(f"inference.batch={raw!r}: expected a YAML list like \"[a.png, {{image: b.png, prompt: 'Hi?'}}]\"")
+        raise OptionError(
+            f"inference.batch={raw!r}: expected a YAML list like \"[a.png, {{image: b.png, prompt: 'Hi?'}}]\""
+        )
     rows = []
     for item in value:
         if isinstance(item, str):
@@ -152,20 +171,26 @@ def parse_overrides(overrides: Sequence[tuple[str, str, str]], sections: Sequenc
     for source, key, raw in overrides:
         where = f"{source}: " if source else ""
         if key not in fields:
-            close = [k for k in fields if key and k.startswith(key)] or difflib.get_close_matches(key, list(fields), n=1)
+            close = [k for k in fields if key and k.startswith(key)] or difflib.get_close_matches(
+                key, list(fields), n=1
+            )
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise OptionError(f"{where}unknown key {key!r}{hint}; allowed keys: {', '.join(fields)}")
         f = fields[key]
         try:
             if key == "inference.batch":
-                cfg.inference.batch = OmegaConf.merge(OmegaConf.structured(InferenceOptions), {"batch": _parse_batch(raw)}).batch
+                cfg.inference.batch = OmegaConf.merge(
+                    OmegaConf.structured(InferenceOptions), {"batch": _parse_batch(raw)}
+                ).batch
             elif key == "inference.image":
                 OmegaConf.update(cfg, key, raw or None, merge=False)
             else:
                 OmegaConf.update(cfg, key, raw, merge=False)
         except OmegaConfBaseException as e:
             kind = _type_name(f)
-            expected = {"float": "a number", "int": "an integer", "bool": "true or false"}.get(kind, f"one of {kind.replace('|', ', ')}")
+            expected = {"float": "a number", "int": "an integer", "bool": "true or false"}.get(
+                kind, f"one of {kind.replace('|', ', ')}"
+            )
             raise OptionError(f"{where}{key}={raw!r}: expected {expected}") from e
         check = f.metadata.get("check")
         sec, name = key.split(".")
@@ -183,8 +208,10 @@ def _env_overrides(sections: Sequence[str], environ: dict[str, str]) -> list[tup
     return out
 
 
-def parse(argv: Sequence[str], sections: Sequence[str], prog: str | None = None, environ: dict[str, str] | None = None) -> Options:
-    """Parse `key=value` argv (+ environment) into Options; on a bad option print one line and exit 2; --help exits 0."""
+def parse(
+    argv: Sequence[str], sections: Sequence[str], prog: str | None = None, environ: dict[str, str] | None = None
+) -> Options:
+    """Parse `key=value` argv (+ environment) into Options; a bad option prints one line and exits 2; --help exits 0."""
     prog = prog or os.path.basename(sys.argv[0] or "run.py")
     if any(a in ("-h", "--help", "help") for a in argv):
         print(help_text(prog, sections))

@@ -30,7 +30,7 @@ def label(img: Image.Image, text: str = "stand-in drawing") -> Image.Image:
 def sky(d: ImageDraw.ImageDraw, top: tuple[int, int, int], bottom: tuple[int, int, int], h: int = H) -> None:
     for y in range(h):
         t = y / max(h - 1, 1)
-        d.line((0, y, W, y), fill=tuple(int(a + (b - a) * t) for a, b in zip(top, bottom)))
+        d.line((0, y, W, y), fill=tuple(int(a + (b - a) * t) for a, b in zip(top, bottom, strict=True)))
 
 
 def panda_climbing() -> Image.Image:
@@ -66,13 +66,22 @@ def mountain_landscape() -> Image.Image:
     sky(d, (90, 150, 230), (200, 225, 250))
     d.ellipse((400, 40, 450, 90), fill=(255, 240, 180))  # sun
     ranges = [
-        ((120, 130, 160), [(0, 260), (90, 120), (170, 210), (260, 80), (360, 200), (440, 110), (512, 190), (512, 300), (0, 300)]),
-        ((80, 95, 110), [(0, 280), (60, 200), (150, 250), (230, 170), (330, 260), (420, 190), (512, 250), (512, 300), (0, 300)]),
+        (
+            (120, 130, 160),
+            [(0, 260), (90, 120), (170, 210), (260, 80), (360, 200), (440, 110), (512, 190), (512, 300), (0, 300)],
+        ),
+        (
+            (80, 95, 110),
+            [(0, 280), (60, 200), (150, 250), (230, 170), (330, 260), (420, 190), (512, 250), (512, 300), (0, 300)],
+        ),
     ]
     for colour, pts in ranges:
         d.polygon(pts, fill=colour)
     for px, py in [(90, 120), (260, 80), (440, 110)]:  # snow caps
-        d.polygon([(px, py), (px - 28, py + 35), (px - 8, py + 28), (px + 6, py + 38), (px + 26, py + 30)], fill=(250, 250, 255))
+        d.polygon(
+            [(px, py), (px - 28, py + 35), (px - 8, py + 28), (px + 6, py + 38), (px + 26, py + 30)],
+            fill=(250, 250, 255),
+        )
     d.rectangle((0, 300, W, H), fill=(70, 130, 80))  # meadow
     d.ellipse((120, 315, 420, 370), fill=(80, 140, 200))  # lake
     rng = random.Random(3)
@@ -90,9 +99,13 @@ def f35_takeoff() -> Image.Image:
     d.polygon([(0, 330), (W, 300), (W, H), (0, H)], fill=(90, 90, 95))  # runway
     for i in range(6):
         x = 40 + i * 85
-        d.polygon([(x, 343 - i * 5), (x + 40, 340 - i * 5), (x + 40, 344 - i * 5), (x, 347 - i * 5)], fill=(240, 240, 240))
+        d.polygon(
+            [(x, 343 - i * 5), (x + 40, 340 - i * 5), (x + 40, 344 - i * 5), (x, 347 - i * 5)], fill=(240, 240, 240)
+        )
 
-    def rot(pts: list[tuple[float, float]], ang: float = -18, cx: float = 260, cy: float = 190) -> list[tuple[float, float]]:
+    def rot(
+        pts: list[tuple[float, float]], ang: float = -18, cx: float = 260, cy: float = 190
+    ) -> list[tuple[float, float]]:
         a = math.radians(ang)
         return [(cx + x * math.cos(a) - y * math.sin(a), cy + x * math.sin(a) + y * math.cos(a)) for x, y in pts]
 
@@ -102,7 +115,9 @@ def f35_takeoff() -> Image.Image:
     d.polygon(rot(body), fill=(105, 110, 115), outline=(60, 60, 65))
     d.polygon(rot([(40, -12), (-60, -95), (-95, -95), (-80, -12)]), fill=(95, 100, 105), outline=(60, 60, 65))  # wings
     d.polygon(rot([(40, 12), (-60, 95), (-95, 95), (-80, 12)]), fill=(85, 90, 95), outline=(60, 60, 65))
-    d.polygon(rot([(-120, -12), (-165, -45), (-180, -45), (-170, -12)]), fill=(95, 100, 105), outline=(60, 60, 65))  # tails
+    d.polygon(
+        rot([(-120, -12), (-165, -45), (-180, -45), (-170, -12)]), fill=(95, 100, 105), outline=(60, 60, 65)
+    )  # tails
     d.polygon(rot([(-120, 12), (-165, 45), (-180, 45), (-170, 12)]), fill=(85, 90, 95), outline=(60, 60, 65))
     d.polygon(rot([(125, -6), (85, -9), (85, 9), (125, 6)]), fill=(200, 170, 60))  # canopy
     return label(img)
@@ -140,8 +155,13 @@ def coffee_laptop() -> Image.Image:
 
 
 def main() -> None:
-    for name, make in [("panda_climbing", panda_climbing), ("coffee_laptop", coffee_laptop), ("mountain_landscape", mountain_landscape),
-                       ("f35_takeoff", f35_takeoff), ("stadium_aerial", stadium_aerial)]:
+    for name, make in [
+        ("panda_climbing", panda_climbing),
+        ("coffee_laptop", coffee_laptop),
+        ("mountain_landscape", mountain_landscape),
+        ("f35_takeoff", f35_takeoff),
+        ("stadium_aerial", stadium_aerial),
+    ]:
         out = HERE / f"{name}.png"
         make().save(out, optimize=True)
         print(out, out.stat().st_size // 1024, "KB")

@@ -1,0 +1,105 @@
+"""The demo in a real browser: Debian's chromium driven by Playwright against `python app.py model.name=tiny`.
+
+Needs /usr/bin/chromium (`apt-get install -y chromium`); `playwright install` is never used.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import time
+
+import pytest
+from test_app import COFFEE, PANDA, shared_app_server
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} missing: apt-get install -y chromium")
+
+
+@pytest.fixture(scope="module")
+def page():
+    from playwright.sync_api import sync_playwright
+
+    server = shared_app_server()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        pg = browser.new_page(viewport={"width": 1280, "height": 1100})
+        pg.set_default_timeout(60_000)
+        pg.goto(server.url)
+        pg.locator("#status").get_by_text("Ready").wait_for()
+        yield pg
+        browser.close()
+
+
+def answer(pg) -> str:
+    bot = pg.locator("#chat [data-testid=bot]")
+    return bot.last.inner_text() if bot.count() else ""
+
+
+def wait_until(cond, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_upload_type_generate_streams_growing_text_then_stop(page):
+    page.locator("#image input[type=file]").set_input_files(PANDA)
+    page.locator("#image img").first.wait_for()
+    page.locator("#prompt textarea").fill("Describe this image")
+    page.locator("#generate").click()
+    page.locator("#chat [data-testid=user]").get_by_text("Describe this image").wait_for()
+    wait_until(lambda: len(answer(page)) > 0, what="the first tokens")
+    first = answer(page)
+    wait_until(lambda: len(answer(page)) > len(first), what="the answer to grow")
+    assert answer(page).startswith(first.strip()[:5])
+    server = shared_app_server()
+    stops = server.log().count("generation stopped after")
+    page.locator("#stop").click()
+    wait_until(lambda: server.log().count("generation stopped after") > stops, what="the server to end the generation")
+    time.sleep(0.5)
+    stopped = answer(page)
+    time.sleep(1.5)
+    assert answer(page) == stopped, "the answer kept growing after Stop"
+    assert "tokens" in page.locator("#stats").inner_text()
+
+
+def test_toggle_to_batch_gives_the_whole_answer_at_once(page):
+    page.locator("#clear").click()
+    wait_until(lambda: page.locator("#chat [data-testid=bot]").count() == 0, what="Clear")
+    page.locator("#mode").get_by_text("Batch (scan)").click()
+    assert page.locator("#mode input[value='Batch (scan)']").is_checked()
+    page.locator("#prompt textarea").fill("What animal is this?")
+    page.locator("#generate").click()
+    wait_until(lambda: "sampler: batch" in page.locator("#stats").inner_text(), timeout=120, what="the batch answer")
+    assert answer(page)
+    page.locator("#mode").get_by_text("Streaming").click()
+
+
+def test_example_click_fills_image_and_prompt_and_answers(page, tmp_path):
+    row = page.locator("#examples tbody tr").nth(1)  # coffee_laptop.png
+    row.click()
+    wait_until(lambda: page.locator("#prompt textarea").input_value() == "What is on the table?", what="the example")
+    name = pathlib.Path(COFFEE).name
+    wait_until(lambda: name in (page.locator("#image img").first.get_attribute("src") or ""), what="the example image")
+    wait_until(lambda: page.locator("#chat [data-testid=bot]").count() == 0, what="a new image to clear the chat")
+    page.locator("#generate").click()
+    wait_until(
+        lambda: "sampler: streaming" in page.locator("#stats").inner_text() and answer(page),
+        timeout=120,
+        what="the streamed answer",
+    )
+    wait_until(lambda: page.locator("#prompt textarea").input_value() == "", timeout=120, what="the answer to finish")
+    assert page.locator("#tokens").inner_text().strip()
+    page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
