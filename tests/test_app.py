@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import functools
 import os
 import pathlib
 import socket
@@ -83,14 +82,26 @@ class AppServer:
         self._log.close()
 
 
-@functools.cache
+_shared: list[AppServer | BaseException] = []
+
+
 def shared_app_server() -> AppServer:
-    """One tiny-model server per pytest process, shared by test_app.py and test_browser.py."""
+    """One tiny-model server per pytest process, shared by test_app.py and test_browser.py; a failed start is
+    remembered, so later tests fail at once instead of waiting for warm-up again."""
     import tempfile
 
-    server = AppServer(pathlib.Path(tempfile.mkdtemp(prefix="vlm-app-")))
-    server.wait_ready()
-    return server
+    if not _shared:
+        server = AppServer(pathlib.Path(tempfile.mkdtemp(prefix="vlm-app-")))
+        try:
+            server.wait_ready()
+            _shared.append(server)
+        except BaseException as e:
+            server.stop()
+            _shared.append(e)
+            raise
+    if isinstance(_shared[0], BaseException):
+        raise RuntimeError("app.py failed to start earlier in this run") from _shared[0]
+    return _shared[0]
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +251,28 @@ def test_a_model_that_cannot_load_is_reported_on_the_page(tmp_path):
         assert broken.proc.poll() is None  # still serving
     finally:
         broken.stop()
+
+
+def test_one_generation_at_a_time_others_queue_with_their_position(server):
+    from gradio_client import Client
+    from gradio_client.utils import Status
+
+    first_client, second_client = Client(server.url, verbose=False), Client(server.url, verbose=False)
+    first = ask(first_client, max_new_tokens=2000, temperature=0.7)
+    deadline = time.monotonic() + 120
+    while not any(text_of(o[0][-1]) for o in first.outputs()):  # the first one is generating
+        assert time.monotonic() < deadline and not first.done(), server.log()
+        time.sleep(0.1)
+    second = ask(second_client, max_new_tokens=8)
+    seen = set()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        status = second.status()
+        seen.add((status.code, status.rank))
+        if status.code == Status.IN_QUEUE and status.rank is not None:
+            break
+        time.sleep(0.05)
+    assert any(code == Status.IN_QUEUE and rank is not None for code, rank in seen), seen
+    assert not second.done()  # waits while the first generation holds the model
+    first.cancel()
+    assert answers(second)[-1]  # runs once the first one is stopped
