@@ -84,7 +84,7 @@ class ServerOptions:
         1, "generations run at once (others queue and see their position)", (lambda v: v >= 1, "an integer >= 1")
     )
     max_upload_mb: float = _opt(10.0, "largest upload accepted, in MB", (lambda v: v > 0, "a number > 0"))
-    debug: bool = _opt(False, "show Python errors and stack traces in the page")
+    debug: bool = _opt(False, "show the text of unexpected errors in the page (tracebacks always go to the terminal)")
 
 
 @dataclass
