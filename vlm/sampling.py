@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import model as M
+from . import sharding as SH
 from .inputs import VLMInputs, bucket
 from .vision import encode
 
@@ -83,10 +84,15 @@ def process_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
     return jnp.where((x >= smallest_kept) & ((top_k <= 0) | (x >= kth)), x, neg)
 
 
-def choose(logits: jax.Array, key, temperature, top_k, top_p) -> tuple[jax.Array, jax.Array]:
-    """Pick one token per row (greedy when temperature == 0) -> (token [B], logprob [B] under raw logits)."""
+def choose(logits: jax.Array, key, temperature, top_k, top_p, mesh=None) -> tuple[jax.Array, jax.Array]:
+    """Pick one token per row (greedy when temperature == 0) -> (token [B], logprob [B] under raw logits).
+
+    On a mesh the logits' vocab axis may be split over `model`; sampling gathers it first (its sort and
+    cumsum run about 10x slower split), greedy's argmax and the logprob reduce it where it lies."""
 
     def draw(logits):
+        if mesh is not None:
+            logits = SH.constrain(logits, mesh, SH.P(SH.batch_axis(mesh, logits.shape[0]), None))
         keys = jax.random.split(key, logits.shape[0])
         return jax.vmap(jax.random.categorical)(keys, process_logits(logits, temperature, top_k, top_p))
 
@@ -100,28 +106,42 @@ def _encode(cfg, params, patches, pos_taps, pos_weights, rope_ids, segment):
 
 
 def _prefill(cfg, params, ids, positions, start, vision_embeds, deepstack, vision_index, key, temperature, top_k,
-             top_p, *, cache_len: int):
+             top_p, *, cache_len: int, mesh=None):
     cache = M.init_cache(cfg.text, ids.shape[0], cache_len, params["language_model"]["norm"]["weight"].dtype)
+    cache = SH.constrain_cache(cache, mesh, cfg)
     h, cache = M.forward(params, cfg, ids, positions, start, vision_embeds, deepstack, vision_index, cache)
-    token, logprob = choose(M.lm_head(params, cfg, h[:, -1]), jax.random.fold_in(key, 0), temperature, top_k, top_p)
-    return token, logprob, cache
+    logits = M.lm_head(params, cfg, h[:, -1])
+    token, logprob = choose(logits, jax.random.fold_in(key, 0), temperature, top_k, top_p, mesh=mesh)
+    return _constrain_step(cfg, mesh, token, logprob, cache)
 
 
-def _decode_step(cfg, params, cache, token, position, start, write_index, key, temperature, top_k, top_p):
+def _constrain_step(cfg, mesh, token, logprob, cache):
+    """Pin a step's outputs on a mesh: the cache as `cache_spec`; token and logprob ([B], a few bytes)
+    replicated, so that every host can read them. A no-op without a mesh."""
+    if mesh is None:
+        return token, logprob, cache
+    return (SH.constrain(token, mesh, SH.P()), SH.constrain(logprob, mesh, SH.P()),
+            SH.constrain_cache(cache, mesh, cfg))
+
+
+def _decode_step(cfg, params, cache, token, position, start, write_index, key, temperature, top_k, top_p, *,
+                 mesh=None):
     """The one decode step both samplers run: feed `token`, return the next one, its logprob, the cache."""
     logits, cache = M.decode(params, cfg, token, position, start, write_index, cache)
-    token, logprob = choose(logits, key, temperature, top_k, top_p)
+    token, logprob = choose(logits, key, temperature, top_k, top_p, mesh=mesh)
     return token, logprob, cache
 
 
-def _step(cfg, params, cache, token, next_position, start, prompt_len, i, key, temperature, top_k, top_p):
+def _step(cfg, params, cache, token, next_position, start, prompt_len, i, key, temperature, top_k, top_p, *,
+          mesh=None):
     """Decode step i: consumes token i, draws token i + 1 with fold_in(key, i + 1)."""
-    return _decode_step(cfg, params, cache, token, next_position + i, start, prompt_len + i,
-                        jax.random.fold_in(key, i + 1), temperature, top_k, top_p)
+    out = _decode_step(cfg, params, cache, token, next_position + i, start, prompt_len + i,
+                       jax.random.fold_in(key, i + 1), temperature, top_k, top_p, mesh=mesh)
+    return _constrain_step(cfg, mesh, *out)
 
 
 def _generate(cfg, params, cache, token, next_position, start, prompt_len, key, temperature, top_k, top_p,
-              max_new, eos, *, steps: int):
+              max_new, eos, *, steps: int, mesh=None):
     """Tokens 1..steps-1 in one lax.scan; steps past max_new or after every row hit eos are skipped."""
 
     def body(carry, i):
@@ -129,7 +149,7 @@ def _generate(cfg, params, cache, token, next_position, start, prompt_len, key, 
 
         def run(cache):
             return _step(cfg, params, cache, token, next_position, start, prompt_len, i, key, temperature, top_k,
-                         top_p)
+                         top_p, mesh=mesh)
 
         def skip(cache):
             return token, jnp.zeros(token.shape, jnp.float32), cache
@@ -140,7 +160,8 @@ def _generate(cfg, params, cache, token, next_position, start, prompt_len, key, 
 
     done = jnp.isin(token, eos)
     _, (tokens, logprobs) = jax.lax.scan(body, (cache, token, done), jnp.arange(steps - 1))
-    return tokens.T, logprobs.T  # [B, steps-1]
+    # [B, steps-1]; replicated on a mesh so that every host can read them
+    return SH.constrain(tokens.T, mesh, SH.P()), SH.constrain(logprobs.T, mesh, SH.P())
 
 
 def _check_context(model: M.Qwen3VL, inputs: VLMInputs, cfg: SamplingConfig) -> None:
@@ -151,19 +172,41 @@ def _check_context(model: M.Qwen3VL, inputs: VLMInputs, cfg: SamplingConfig) -> 
                          f"context of {limit} tokens")
 
 
-def _start(model: M.Qwen3VL, params, inputs: VLMInputs, cfg: SamplingConfig, rng):
-    """Vision tower (if any images) + prefill + first token. Returns device arrays, no host sync."""
+def _start(model: M.Qwen3VL, params, inputs: VLMInputs, cfg: SamplingConfig, rng, dev: dict | None = None):
+    """Vision tower (if any images) + prefill + first token. Returns device arrays, no host sync.
+    `dev`: `inputs` as `_device_inputs` placed them (computed here when not given)."""
     _check_context(model, inputs, cfg)
+    mesh = SH.mesh_of(params)
+    if dev is None:
+        inputs, dev = _device_inputs(inputs, mesh)
     vision_embeds = deepstack = None
     if inputs.vision is not None:
-        v = inputs.vision
+        v = dev["vision"]
         vision_embeds, deepstack = model.jit(_encode)(params, v.patches, v.pos_taps, v.pos_weights, v.rope_ids,
                                                       v.segment)
     cache_len = bucket(inputs.prompt_tokens.shape[1] + cfg.max_new_tokens, CACHE_BUCKET_MIN)
-    prefill = model.jit(_prefill, static_argnames="cache_len")
-    vision_index = inputs.vision_index if inputs.vision is not None else None
-    return prefill(params, inputs.prompt_tokens, inputs.positions, inputs.start, vision_embeds, deepstack,
-                   vision_index, rng, *_knobs(cfg), cache_len=cache_len)
+    prefill = model.jit(_prefill, static_argnames=("cache_len", "mesh"))
+    vision_index = dev["vision_index"] if inputs.vision is not None else None
+    return prefill(params, dev["prompt_tokens"], dev["positions"], dev["start"], vision_embeds, deepstack,
+                   vision_index, rng, *_knobs(cfg), cache_len=cache_len, mesh=mesh)
+
+
+def _device_inputs(inputs: VLMInputs, mesh) -> tuple[VLMInputs, dict]:
+    """The arrays the jitted functions take. On a mesh: rows padded to a multiple of `data` and put over
+    it, the vision inputs replicated; without one, the host arrays as they are."""
+    names = ("prompt_tokens", "positions", "start", "next_position", "vision_index")
+    if mesh is None:
+        return inputs, {"vision": inputs.vision} | {n: getattr(inputs, n) for n in names}
+    inputs = SH.pad_rows(inputs, mesh.shape[SH.DATA])
+    rows = SH.batch_axis(mesh, inputs.prompt_tokens.shape[0])
+    specs = {"prompt_tokens": SH.P(rows, None), "positions": SH.P(None, rows, None), "start": SH.P(rows),
+             "next_position": SH.P(rows), "vision_index": SH.P(rows, None)}
+    dev = {n: SH.place(getattr(inputs, n), mesh, specs[n]) for n in names}
+    v = inputs.vision
+    if v is not None:
+        fields = ("patches", "pos_taps", "pos_weights", "rope_ids", "segment")
+        v = replace(v, **{f: SH.place(getattr(v, f), mesh, SH.P()) for f in fields})
+    return inputs, dev | {"vision": v}
 
 
 def _knobs(cfg: SamplingConfig):
@@ -203,15 +246,17 @@ def sample_streaming(model: M.Qwen3VL, params, inputs: VLMInputs, sampling_cfg: 
     if inputs.num_rows != 1:
         raise ValueError(f"sample_streaming takes one row, got {inputs.num_rows}; use sample() for batches")
     cfg = sampling_cfg.resolved(model)
-    token, logprob, cache = _start(model, params, inputs, cfg, rng)
-    step = model.jit(_step, donate_argnames="cache")
-    args = (inputs.next_position, inputs.start, np.int32(inputs.prompt_tokens.shape[1]))
+    mesh = SH.mesh_of(params)
+    inputs, dev = _device_inputs(inputs, mesh)
+    token, logprob, cache = _start(model, params, inputs, cfg, rng, dev)
+    step = model.jit(_step, donate_argnames="cache", static_argnames="mesh")
+    args = (dev["next_position"], dev["start"], np.int32(inputs.prompt_tokens.shape[1]))
     detok = Detokenizer(tokenizer) if tokenizer is not None else None
     eos = set(cfg.eos_id)
     for i in range(cfg.max_new_tokens):
         pending = None
         if i + 1 < cfg.max_new_tokens:  # dispatch step i before reading token i: device works while host decodes
-            pending = step(params, cache, token, *args, np.int32(i), rng, *_knobs(cfg))
+            pending = step(params, cache, token, *args, np.int32(i), rng, *_knobs(cfg), mesh=mesh)
         tok, lp = int(token[0]), float(logprob[0])
         last = tok in eos or pending is None
         text = ""
@@ -227,12 +272,14 @@ def sample(model: M.Qwen3VL, params, inputs: VLMInputs, sampling_cfg: SamplingCo
            tokenizer=None) -> SampleResult:
     """The whole decode loop in one jitted lax.scan, any batch; each row is cut at its own eos."""
     cfg = sampling_cfg.resolved(model)
-    token, logprob, cache = _start(model, params, inputs, cfg, rng)
+    mesh = SH.mesh_of(params)
+    inputs, dev = _device_inputs(inputs, mesh)
+    token, logprob, cache = _start(model, params, inputs, cfg, rng, dev)
     steps = bucket(cfg.max_new_tokens, STEPS_BUCKET_MIN)
-    generate = model.jit(_generate, static_argnames="steps")
-    tokens, logprobs = generate(params, cache, token, inputs.next_position, inputs.start,
+    generate = model.jit(_generate, static_argnames=("steps", "mesh"))
+    tokens, logprobs = generate(params, cache, token, dev["next_position"], dev["start"],
                                 np.int32(inputs.prompt_tokens.shape[1]), rng, *_knobs(cfg),
-                                np.int32(cfg.max_new_tokens), np.asarray(cfg.eos_id, np.int32), steps=steps)
+                                np.int32(cfg.max_new_tokens), np.asarray(cfg.eos_id, np.int32), steps=steps, mesh=mesh)
     tokens = np.concatenate([np.asarray(token)[:, None], np.asarray(tokens)], axis=1)[:, : cfg.max_new_tokens]
     logprobs = np.concatenate([np.asarray(logprob)[:, None], np.asarray(logprobs)], axis=1)
     out_tokens, out_logprobs, texts = [], [], []

@@ -9,6 +9,7 @@ naming the offending keys.
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from pathlib import Path
@@ -167,9 +168,15 @@ def resolve_path(name_or_path: str | Path) -> Path:
     return Path(snapshot_download(str(name_or_path), allow_patterns=_ALLOW))
 
 
-def load_model(name_or_path: str | Path = "Qwen/Qwen3-VL-2B-Instruct", dtype=None):
-    """Load a Qwen3-VL checkpoint -> (model, params, tokenizer). dtype: None/"auto" (f32 on CPU, bf16 else)."""
+def load_model(name_or_path: str | Path = "Qwen/Qwen3-VL-2B-Instruct", dtype=None, mesh=None):
+    """Load a Qwen3-VL checkpoint -> (model, params, tokenizer). dtype: None/"auto" (f32 on CPU, bf16 else).
+
+    mesh: "DxM" such as "1x4" or "2x2", a jax Mesh with axes ("data", "model"), or "auto" (one device:
+    plain placement; several: all on `model`). None reads VLM_MODEL_MESH, else "auto". Each weight goes
+    straight from the memory-mapped file into its shards (see vlm/sharding.py).
+    """
     from .processing import PreprocessConfig, load_tokenizer
+    from .sharding import make_mesh, shard_put
 
     path = resolve_path(name_or_path)
     cfg = ModelConfig.from_dir(path)
@@ -178,7 +185,8 @@ def load_model(name_or_path: str | Path = "Qwen/Qwen3-VL-2B-Instruct", dtype=Non
     generation = json.loads(gen_file.read_text()) if gen_file.exists() else {}
     model = Qwen3VL(cfg=cfg, dtype=dtype, preprocess=PreprocessConfig.from_dir(path), generation=generation,
                     source=str(name_or_path))
-    params = load_params(path, cfg, dtype)
+    mesh = make_mesh(mesh if mesh is not None else os.environ.get("VLM_MODEL_MESH") or "auto")
+    params = load_params(path, cfg, dtype, put=shard_put(cfg, mesh, dtype) if mesh is not None else None)
     return model, params, load_tokenizer(path)
 
 
