@@ -44,6 +44,12 @@ class ModelOptions:
         "hub id (e.g. Qwen/Qwen3-VL-4B-Instruct), local checkpoint dir, or 'tiny' (offline, random weights)",
     )
     dtype: Dtype = _opt(Dtype.auto, "parameter dtype: auto | float32 | bfloat16")
+    max_pixels: int = _opt(
+        1_048_576,
+        "most pixels per image for the vision tower; larger images are downscaled, with a note "
+        "(the checkpoint's own limit applies when lower; Qwen3-VL's is 16777216)",
+        (lambda v: v >= 65_536, "an integer >= 65536 (the model's smallest input)"),
+    )
 
 
 @dataclass
@@ -52,7 +58,9 @@ class SamplingOptions:
     top_p: float = _opt(0.8, "nucleus sampling mass, in (0, 1]; 1 = off", (lambda v: 0 < v <= 1, "a number in (0, 1]"))
     top_k: int = _opt(20, "keep the k most likely tokens; 0 = off", (lambda v: v >= 0, "an integer >= 0"))
     max_new_tokens: int = _opt(256, "most tokens to generate", (lambda v: v >= 1, "an integer >= 1"))
-    seed: int = _opt(0, "random seed (same seed, same answer)")
+    seed: int = _opt(
+        0, "random seed (same seed, same answer)", (lambda v: 0 <= v <= 2**32 - 1, "an integer in [0, 4294967295]")
+    )
 
 
 @dataclass
@@ -64,7 +72,7 @@ class BatchItem:
 @dataclass
 class InferenceOptions:
     image: str | None = _opt(None, "image file for the question (omit for a text-only question)")
-    prompt: str = _opt("Describe this image", "the question")
+    prompt: str = _opt("Describe this image", "the question", (lambda v: bool(v.strip()), "a non-empty question"))
     batch: list[BatchItem] = _opt(
         list,
         "run.py: several rows in one scan, a YAML list of paths or {image, prompt}: "
@@ -84,6 +92,11 @@ class ServerOptions:
         1, "generations run at once (others queue and see their position)", (lambda v: v >= 1, "an integer >= 1")
     )
     max_upload_mb: float = _opt(10.0, "largest upload accepted, in MB", (lambda v: v > 0, "a number > 0"))
+    max_prompt_chars: int = _opt(
+        4000,
+        "longest question accepted, in characters (the whole conversation: 8x this)",
+        (lambda v: v >= 1, "an integer >= 1"),
+    )
     debug: bool = _opt(False, "show the text of unexpected errors in the page (tracebacks always go to the terminal)")
 
 

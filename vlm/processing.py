@@ -108,7 +108,8 @@ def _first_frame(im: Image.Image, what: str) -> tuple[Image.Image, list[str]]:
         n_frames = getattr(im, "n_frames", 1)
         if n_frames > 1:
             im.seek(0)
-            notes.append(f"animated {im.format}: used the first of {n_frames} frames")
+            kind = "animated" if im.format in ("GIF", "PNG", "WEBP") else "multi-page"
+            notes.append(f"{kind} {im.format}: used the first of {n_frames} frames")
         im.load()
         image = _apply_exif(im, notes)
     except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, EOFError, ... on bad data
@@ -117,12 +118,35 @@ def _first_frame(im: Image.Image, what: str) -> tuple[Image.Image, list[str]]:
 
 
 def _check_size(im: Image.Image) -> None:
-    """Refuse empty images and images above the hard pixel cap before decoding them."""
+    """Refuse, before decoding, images that are empty, above the hard pixel cap or too long and thin for the model."""
     w, h = im.size
     if w < 1 or h < 1:
         raise ImageError(f"the image has no pixels ({w}x{h})")
     if w * h > MAX_IMAGE_PIXELS:
         raise ImageError(f"the image is too large: {w}x{h} is over {MAX_IMAGE_PIXELS // 1_000_000} megapixels")
+    if max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
+        raise ImageError(
+            f"the image is too long and thin ({w}x{h}, aspect ratio {max(w, h) / min(w, h):.0f}); "
+            f"the model accepts at most {MAX_ASPECT_RATIO}:1, so crop it first"
+        )
+
+
+def fit_to_budget(image: Image.Image, cfg: PreprocessConfig) -> tuple[Image.Image, str | None]:
+    """The image at the size the vision tower will see it (what preprocess_image would resize it to), and a note
+    for the user when it was downscaled (over cfg.max_pixels) or blown up over 16-fold (far under cfg.min_pixels).
+    Resizing again to the same size is a copy, so passing the result on gives the same patches as the original."""
+    h, w = smart_resize(image.height, image.width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    note = None
+    if w * h < image.width * image.height and image.width * image.height > cfg.max_pixels:
+        note = (
+            f"downscaled from {image.width}x{image.height} to {w}x{h} "
+            f"(the budget is {cfg.max_pixels / 1e6:.2g} MP per image)"
+        )
+    elif w * h > 16 * image.width * image.height:
+        note = f"enlarged from {image.width}x{image.height} to {w}x{h} (the model's smallest input)"
+    if (w, h) != image.size:
+        image = image.resize((w, h), resample=Image.Resampling.BICUBIC)
+    return image, note
 
 
 def _from_array(a: np.ndarray) -> Image.Image:
@@ -180,8 +204,8 @@ def _normalize(image: Image.Image, notes: list[str]) -> tuple[Image.Image, list[
 
 
 def _to_8bit(a: np.ndarray, mode: str) -> np.ndarray:
-    """Map a 16-bit, 32-bit integer or float grayscale array to uint8."""
-    a = a.astype(np.float64)
+    """Map a 16-bit, 32-bit integer or float grayscale array to uint8 (NaN and infinities count as 0)."""
+    a = np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)  # f32: half the memory of f64
     if mode.startswith("I;16"):
         scale = 65535.0
     elif mode == "F" and a.min() >= 0.0 and a.max() <= 1.0:
