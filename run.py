@@ -15,7 +15,7 @@ import json
 import sys
 import time
 
-from run_streaming import fail, load_image, log, setup
+from run_streaming import check_context, fail, fit_images, load_image, log, setup
 from vlm.options import parse
 
 
@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     opts = parse(sys.argv[1:] if argv is None else argv, ("model", "sampling", "inference"), prog=prog)
     inf = opts.inference
     rows = [(r.image, r.prompt if r.prompt is not None else inf.prompt) for r in inf.batch] or [(inf.image, inf.prompt)]
+    for i, (_, prompt) in enumerate(rows):
+        if not prompt.strip():
+            return fail(prog, f"inference.batch row {i}: the prompt is empty")
     images = [load_image(prog, path) for path, _ in rows]
     cfg, model, params, tokenizer = setup(prog, opts)
 
@@ -31,10 +34,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from vlm import prepare_inputs, sample
 
+    images, max_pixels = fit_images(model, opts, [path for path, _ in rows], images)
     try:
-        inputs = prepare_inputs(model, params, tokenizer, images=images, prompts=[p for _, p in rows])
+        inputs = prepare_inputs(
+            model, params, tokenizer, images=images, prompts=[p for _, p in rows], max_pixels=max_pixels
+        )
     except ValueError as e:
         return fail(prog, e)
+    check_context(prog, model, inputs, cfg.max_new_tokens)
     compiles = model.compile_count
     t0 = time.perf_counter()
     res = sample(model, params, inputs, cfg, jax.random.key(opts.sampling.seed), tokenizer=tokenizer)

@@ -31,7 +31,8 @@ def fail(prog: str, msg: str) -> int:
 
 
 def load_image(prog: str, path: str | None):
-    """Path -> (RGB image, notes); None for a text-only question. Raises SystemExit(1) with one line on a bad file."""
+    """Path -> RGB image; None for a text-only question. Raises SystemExit(1) with one line on a bad file.
+    Runs before the model loads, so a bad file fails at once; what was changed goes to stderr as notes."""
     if path is None:
         return None
     from vlm.processing import ImageError, load_image_with_notes
@@ -43,6 +44,37 @@ def load_image(prog: str, path: str | None):
     for note in notes:
         log(f"note: {path}: {note}")
     return image
+
+
+def fit_images(model, opts: Options, paths, images) -> tuple[list, int]:
+    """Images at the size the vision tower sees them (model.max_pixels, or the checkpoint's own limit when lower),
+    with a note for each one downscaled; returns them and that pixel budget for prepare_inputs."""
+    import dataclasses
+
+    from vlm.processing import fit_to_budget
+
+    pre = dataclasses.replace(model.preprocess, max_pixels=min(model.preprocess.max_pixels, opts.model.max_pixels))
+    out = []
+    for path, image in zip(paths, images, strict=True):
+        if image is not None:
+            image, note = fit_to_budget(image, pre)
+            if note:
+                log(f"note: {path}: {note}")
+        out.append(image)
+    return out, pre.max_pixels
+
+
+def check_context(prog: str, model, inputs, max_new_tokens: int) -> None:
+    """Refuse, with one line, a prompt that leaves no room in the model's context for max_new_tokens."""
+    longest, context = int(inputs.lengths[: inputs.num_rows].max()), model.cfg.text.max_position_embeddings
+    if longest + max_new_tokens > context:
+        raise SystemExit(
+            fail(
+                prog,
+                f"the prompt is {longest} tokens and sampling.max_new_tokens={max_new_tokens}: together over "
+                f"the model's context of {context} tokens; shorten the prompt or lower sampling.max_new_tokens",
+            )
+        )
 
 
 def setup(prog: str, opts: Options):
@@ -84,10 +116,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from vlm import prepare_inputs, sample_streaming
 
+    (image,), max_pixels = fit_images(model, opts, [opts.inference.image], [image])
     try:
-        inputs = prepare_inputs(model, params, tokenizer, images=[image], prompts=[opts.inference.prompt])
+        inputs = prepare_inputs(
+            model, params, tokenizer, images=[image], prompts=[opts.inference.prompt], max_pixels=max_pixels
+        )
     except ValueError as e:
         return fail(prog, e)
+    check_context(prog, model, inputs, cfg.max_new_tokens)
     compiles = model.compile_count
     t0 = time.perf_counter()
     t_first, n = None, 0
