@@ -27,16 +27,27 @@ def free_port() -> int:
 
 
 class AppServer:
-    """A running `python app.py model.name=tiny` on a free loopback port; its stderr goes to a log file."""
+    """A running `python app.py model.name=tiny` on a free loopback port; its stderr goes to a log file.
+    `upload_dir`: gradio's upload folder (GRADIO_TEMP_DIR), for tests that look into it; else the app's own."""
 
-    def __init__(self, log_dir: pathlib.Path, model: str = "tiny"):
+    def __init__(
+        self,
+        log_dir: pathlib.Path,
+        model: str = "tiny",
+        args: tuple[str, ...] = (),
+        upload_dir: pathlib.Path | None = None,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log_path = log_dir / f"app-{self.port}.log"
+        self.upload_dir = upload_dir
         self._log = open(self.log_path, "w")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+        env = {k: v for k, v in env.items() if k == "VLM_CACHE" or not k.startswith(("VLM_", "GRADIO_TEMP_DIR"))}
+        if upload_dir is not None:
+            env["GRADIO_TEMP_DIR"] = str(upload_dir)
         self.proc = subprocess.Popen(
-            [sys.executable, "app.py", f"model.name={model}", f"server.port={self.port}"],
+            [sys.executable, "app.py", f"model.name={model}", f"server.port={self.port}", *args],
             cwd=ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -91,7 +102,8 @@ def shared_app_server() -> AppServer:
     import tempfile
 
     if not _shared:
-        server = AppServer(pathlib.Path(tempfile.mkdtemp(prefix="vlm-app-")))
+        folder = pathlib.Path(tempfile.mkdtemp(prefix="vlm-app-"))
+        server = AppServer(folder, upload_dir=folder / "uploads")
         try:
             server.wait_ready()
             _shared.append(server)
@@ -133,11 +145,11 @@ def ask(
     max_new_tokens=24,
     seed=0,
 ):
-    """Submit one /generate call; returns the job (not waited for)."""
+    """Submit one /generate call; returns the job (not waited for). A path is uploaded; other values go as they are."""
     from gradio_client import handle_file
 
     return client.submit(
-        handle_file(image) if image else None,
+        handle_file(image) if isinstance(image, (str, os.PathLike)) and image else image,
         prompt,
         list(history),
         mode,

@@ -103,3 +103,31 @@ def test_example_click_fills_image_and_prompt_and_answers(page, tmp_path):
     wait_until(lambda: page.locator("#prompt textarea").input_value() == "", timeout=120, what="the answer to finish")
     assert page.locator("#tokens").inner_text().strip()
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+
+
+def test_image_notes_errors_and_limits_reach_the_page(page, test_images):
+    page.locator("#clear").click()
+    page.get_by_text("Sampling", exact=True).click()  # short answers: this test is about what surrounds them
+    page.locator("#max-new-tokens input[type=number]").fill("8")
+    page.locator("#max-new-tokens input[type=number]").press("Enter")
+    page.locator("#image input[type=file]").set_input_files(str(test_images["rgba.png"]))
+    page.locator("#image img").first.wait_for()
+    assert page.locator("#prompt textarea").get_attribute("maxlength") == "4000"  # server.max_prompt_chars
+    page.locator("#prompt textarea").fill("Describe this image")
+    page.locator("#generate").click()
+    page.get_by_text("RGBA: transparency composited on white").first.wait_for()  # a toast and the stats line
+    wait_until(lambda: "note: RGBA" in page.locator("#stats").inner_text(), timeout=120, what="the note in the stats")
+    wait_until(lambda: page.locator("#prompt textarea").input_value() == "", timeout=120, what="the answer to finish")
+    # the upload was deleted once read; the preview stays, and a follow-up question still has the image
+    assert page.locator("#image img").first.evaluate("img => img.naturalWidth") > 0
+    page.locator("#prompt textarea").fill("And the colours?")
+    page.locator("#generate").click()
+    wait_until(lambda: page.locator("#chat [data-testid=bot]").count() == 2, timeout=120, what="the follow-up")
+    wait_until(lambda: page.locator("#prompt textarea").input_value() == "", timeout=120, what="the follow-up answer")
+
+    page.locator("#clear").click()
+    page.locator("#image input[type=file]").set_input_files(str(test_images["truncated.png"]))
+    page.locator("#prompt textarea").fill("Describe this image")
+    page.locator("#generate").click()
+    page.get_by_text("truncated.png is corrupt or truncated").first.wait_for()  # gr.Error, shown as a toast
+    assert "Traceback" not in page.content()

@@ -109,6 +109,11 @@ BAD_OPTIONS = [
     (["model.dtype=fp16"], "model.dtype='fp16': expected one of auto, float32, bfloat16"),
     (["inference.batch=[{imag: a.png}]"], "inference.batch row"),
     (["Describe this image"], "expected key=value"),
+    (["inference.prompt="], "inference.prompt='': expected a non-empty question"),
+    (["inference.prompt=  "], "inference.prompt='  ': expected a non-empty question"),
+    (["model.max_pixels=1000"], "model.max_pixels='1000': expected an integer >= 65536"),
+    (["sampling.seed=-1"], "sampling.seed='-1': expected an integer in [0, 4294967295]"),
+    (["sampling.seed=9223372036854775808"], "sampling.seed='9223372036854775808': expected an integer"),
 ]
 
 
@@ -141,6 +146,71 @@ def test_bad_images_fail_with_one_line(script, tmp_path):
         assert out.stdout == ""
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0] and str(path.name) in lines[0], out.stderr
+
+
+BAD_FILES = [
+    ("corrupt.png", "corrupt.png is corrupt or truncated"),
+    ("truncated.jpg", "truncated.jpg is corrupt or truncated"),
+    ("bomb.png", "bomb.png is too large (over 100 megapixels)"),
+    ("overcap.png", "the image is too large: 11000x10000 is over 100 megapixels"),
+    ("1x4000.png", "the image is too long and thin (1x4000, aspect ratio 4000)"),
+]
+
+
+@pytest.mark.parametrize(
+    ("script", "name", "needle"),
+    [("run.py", *case) for case in BAD_FILES] + [("run_streaming.py", *case) for case in BAD_FILES[2:4]],
+)
+def test_bad_image_files_fail_with_one_line_before_loading_the_model(script, name, needle, test_images):
+    out = cli(script, "model.name=tiny", f"inference.image={test_images[name]}", timeout=60)
+    assert out.returncode == 1 and out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: error: ") and needle in lines[0], out.stderr
+    assert "backend:" not in out.stderr  # refused before the model was loaded
+
+
+def test_unusual_images_are_answered_with_notes_on_stderr(test_images):
+    names = ["rgba.png", "animated.gif", "exif_rotated.jpg", "large.png", "cmyk.jpg", "i16.tif", "float.tif", "1x1.png"]
+    batch = "[" + ", ".join(str(test_images[n]) for n in names) + "]"
+    out = cli(
+        "run.py",
+        "model.name=tiny",
+        "model.max_pixels=65536",
+        f"inference.batch={batch}",
+        "sampling.max_new_tokens=2",
+    )
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.splitlines()) == len(names)
+    for name, note in [
+        ("rgba.png", "RGBA: transparency composited on white"),
+        ("animated.gif", "animated GIF: used the first of 3 frames"),
+        ("exif_rotated.jpg", "EXIF orientation applied"),
+        ("large.png", "downscaled from 2400x1800 to 288x192 (the budget is 0.066 MP per image)"),
+        ("cmyk.jpg", "CMYK converted to RGB"),
+        ("i16.tif", "16-bit image scaled to 8-bit"),
+        ("float.tif", "32-bit float image scaled to 8-bit"),
+        ("1x1.png", "enlarged from 1x1 to 256x256"),
+    ]:
+        assert f"note: {test_images[name]}: {note}" in out.stderr, (name, out.stderr)
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "needle"),
+    [
+        ("run_streaming.py", ["inference.prompt=" + "1" * 4000], "the prompt is 4202 tokens; the model's context"),
+        (
+            "run.py",
+            ["sampling.max_new_tokens=4000"],
+            "the prompt is 205 tokens and sampling.max_new_tokens=4000: together over the model's context of 4096",
+        ),
+    ],
+)
+def test_over_long_prompt_fails_with_one_line(script, args, needle):
+    out = cli(script, "model.name=tiny", f"inference.image={PANDA}", *args)
+    assert out.returncode == 1 and out.stdout == ""
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{script}: error: ") and needle in last, out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_unloadable_model_fails_with_one_line(tmp_path):

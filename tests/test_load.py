@@ -1,0 +1,186 @@
+"""Load, stop and soak against the launched tiny app (marked slow; part of the default run, about 2 minutes).
+
+- 4 clients at once, 3 requests each: all 12 answered, each the same text as the same request made alone, and
+  the queue position reported while waiting (one generation runs at a time).
+- Stop, and a client that disconnects: the server logs how many decode steps ran after the stop request; at
+  most one more token is computed (plus the one step already dispatched), and the next request is answered.
+- Soak: 50 requests with fresh images of several kinds and sizes, prompts and both samplers: the server's
+  resident memory after the last is within 10 % of that after the 5th, nothing compiles after the first 5
+  (one of each shape), and no upload is left behind.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+from test_app import BATCH, COFFEE, PANDA, ROOT, STREAMING, ask, shared_app_server, text_of
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server():
+    return shared_app_server()
+
+
+def final(job) -> tuple[list, str]:
+    job.result(timeout=300)
+    chat, stats, _ = job.outputs()[-1]
+    return chat, stats
+
+
+def test_four_clients_three_requests_each_all_answered_like_alone(server):
+    from gradio_client import Client
+    from gradio_client.utils import Status
+
+    requests = [
+        dict(image=PANDA, prompt="Describe this image", temperature=0.0, seed=1),
+        dict(image=COFFEE, prompt="What is on the table?", temperature=0.9, seed=7, mode=BATCH),
+        dict(image=None, prompt="Say hello", temperature=0.7, seed=3),
+    ]
+    alone = Client(server.url, verbose=False)
+    expected = [text_of(final(ask(alone, max_new_tokens=12, **r))[0][-1]) for r in requests]
+
+    results: dict[tuple[int, int], str] = {}
+    ranks: list[int] = []
+    errors: list[BaseException] = []
+
+    def user(u: int) -> None:
+        try:
+            client = Client(server.url, verbose=False)
+            for k in range(3):
+                r = (u + k) % 3  # every client sends all three, in its own order
+                job = ask(client, max_new_tokens=12, **requests[r])
+                while not job.done():
+                    status = job.status()
+                    if status.code == Status.IN_QUEUE and status.rank is not None:
+                        ranks.append(status.rank)
+                    time.sleep(0.02)
+                results[(u, r)] = text_of(final(job)[0][-1])
+        except BaseException as e:  # reported below, in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=user, args=(u,)) for u in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors
+    assert len(results) == 12  # none lost
+    for (u, r), text in results.items():
+        assert text == expected[r], (u, r, text, expected[r])
+    assert ranks and max(ranks) >= 1, ranks  # queue positions were reported while requests waited
+
+
+def wait_for_log(server, pattern: str, count: int, timeout: float = 60) -> re.Match:
+    """The `count`-th match of `pattern` in the server log (waiting for it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = list(re.finditer(pattern, server.log()))
+        if len(found) >= count:
+            return found[count - 1]
+        assert time.monotonic() < deadline, server.log()[-3000:]
+        time.sleep(0.1)
+
+
+STOPPED = r"generation stopped after (\d+) tokens \((.+?)\): decode steps after the stop request: (\d+)"
+
+
+def test_stop_ends_the_generation_within_a_step_and_frees_the_model(server):
+    from gradio_client import Client
+
+    client = Client(server.url, verbose=False)
+    for mode_of_stop in range(2):
+        seen = len(re.findall(STOPPED, server.log()))
+        job = ask(client, max_new_tokens=2000, temperature=0.7, seed=mode_of_stop)
+        deadline = time.monotonic() + 120
+        while len([o for o in job.outputs() if text_of(o[0][-1])]) < 3:  # tokens are flowing
+            assert time.monotonic() < deadline and not job.done(), server.log()[-3000:]
+            time.sleep(0.02)
+        assert job.cancel()
+        tokens, reason, after = wait_for_log(server, STOPPED, seen + 1).groups()
+        assert reason == "Stop pressed" and int(after) <= 1 and int(tokens) < 2000
+        chat, stats = final(ask(client, max_new_tokens=4))  # the model is free for the next request
+        assert "4 tokens" in stats
+
+
+def test_a_client_that_goes_away_ends_its_generation(server):
+    from gradio_client import Client
+
+    seen = len(re.findall(STOPPED, server.log()))
+    code = f"""
+import os, sys, time
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from gradio_client import Client
+from test_app import ask, text_of
+job = ask(Client({server.url!r}, verbose=False), max_new_tokens=2000, temperature=0.7)
+while len([o for o in job.outputs() if text_of(o[0][-1])]) < 3:
+    time.sleep(0.02)
+os._exit(0)  # gone without a word: no cancel, the connection just closes
+"""
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=180, check=True)
+    tokens, reason, after = wait_for_log(server, STOPPED, seen + 1).groups()
+    assert reason == "client gone" and int(after) <= 1 and int(tokens) < 2000
+    _, stats = final(ask(Client(server.url, verbose=False), max_new_tokens=4))
+    assert "4 tokens" in stats
+
+
+def soak_image(i: int, kind: int) -> tuple[str, bytes]:
+    """A fresh random image for soak request i: several modes, formats and sizes (a few shapes in all)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(i)
+    size, mode, fmt = [
+        ((512, 384), "RGB", "PNG"),
+        ((512, 384), "RGBA", "PNG"),
+        ((1024, 768), "RGB", "JPEG"),  # downscaled to the tiny model's budget
+        ((512, 384), "L", "PNG"),
+        ((480, 320), "P", "PNG"),
+    ][kind]
+    pixels = rng.integers(0, 256, (size[1], size[0], 4), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGBA").convert(mode if mode != "P" else "RGB")
+    if mode == "P":
+        image = image.convert("P", palette=Image.Palette.ADAPTIVE)
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return f"soak-{i:02d}.{fmt.lower()}", buf.getvalue()
+
+
+def test_soak_50_requests_memory_flat_no_recompiles_no_leftover_uploads(server, tmp_path):
+    from gradio_client import Client
+
+    client = Client(server.url, verbose=False)
+    proc = psutil.Process(server.proc.pid)
+    prompts = ["Describe picture {i:02d}.", "What colour is image {i:02d}?", "Where was photo {i:02d} taken?"]
+    rss, compiled = {}, []
+    for i in range(50):
+        kind = i % 5  # request k of each kind has the same shapes: the first five compile, the rest reuse them
+        name, data = soak_image(i, kind)
+        (tmp_path / name).write_bytes(data)
+        prompt = prompts[kind % len(prompts)].format(i=i)
+        chat, stats = final(
+            ask(
+                client,
+                image=str(tmp_path / name),
+                prompt=prompt,
+                mode=BATCH if kind % 2 else STREAMING,
+                temperature=0.7,
+                seed=i,
+                max_new_tokens=8,
+            )
+        )
+        assert text_of(chat[-2]) == prompt and "tokens/s" in stats, stats
+        compiled.append("compiled: yes" in stats)
+        rss[i + 1] = proc.memory_info().rss
+    assert not any(compiled[5:]), [i + 1 for i, c in enumerate(compiled) if c]
+    growth = rss[50] / rss[5] - 1
+    assert abs(growth) < 0.10, {k: v // 2**20 for k, v in rss.items()}  # MiB after each request
+    assert not [p for p in server.upload_dir.rglob("soak-*")]
