@@ -20,7 +20,7 @@ import numpy as np
 from .config import ModelConfig, TextConfig
 from .ops import Params, apply_rope, attention, linear, rms_norm
 
-Cache = dict[str, jax.Array]  # {"k", "v"}: [layers, B, S, kv_heads, head_dim]
+Cache = dict[str, list[jax.Array]]  # {"k", "v"}: one [1, B, S, kv_heads, head_dim] array per layer
 
 
 @dataclass(eq=False)
@@ -50,8 +50,12 @@ class Qwen3VL:
 
 
 def init_cache(cfg: TextConfig, batch: int, length: int, dtype) -> Cache:
-    shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    """A zeroed KV cache, one array per layer: each decode step writes every layer's new slot in place,
+    whereas into one stacked [layers, ...] array XLA (CPU) copies the whole array at every layer's write.
+    Each keeps the stacked layout's leading axis (size 1), so per-layer code and sharding specs written
+    for [layers, B, S, kv_heads, head_dim] apply unchanged."""
+    shape = (1, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    return {name: [jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)] for name in ("k", "v")}
 
 
 def mrope_cos_sin(positions: jax.Array, cfg: TextConfig, dtype) -> tuple[jax.Array, jax.Array]:
@@ -66,8 +70,9 @@ def mrope_cos_sin(positions: jax.Array, cfg: TextConfig, dtype) -> tuple[jax.Arr
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
-def _self_attn(x, p: Params, cos, sin, mask, cache: Cache | None, layer: int, write_index, from_cache: bool,
-               cfg: TextConfig):
+def _self_attn(x, p: Params, cos, sin, mask, layer_cache: tuple[jax.Array, jax.Array] | None, write_index,
+               from_cache: bool, cfg: TextConfig):
+    """Attention block; writes this call's keys/values into `layer_cache` (k, v) at `write_index`."""
     b, t, _ = x.shape
     kv, group, hd = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads, cfg.head_dim
     q = rms_norm(linear(x, p["q_proj"]).reshape(b, t, kv * group, hd), p["q_norm"]["weight"], cfg.rms_norm_eps)
@@ -75,16 +80,13 @@ def _self_attn(x, p: Params, cos, sin, mask, cache: Cache | None, layer: int, wr
     v = linear(x, p["v_proj"]).reshape(b, t, kv, hd)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     keys, values = k, v
-    if cache is not None:
-        at = (layer, 0, write_index, 0, 0)
-        cache = {
-            "k": jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), at),
-            "v": jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), at),
-        }
+    if layer_cache is not None:
+        layer_cache = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (0, 0, write_index, 0, 0))
+                            for c, new in zip(layer_cache, (keys, values)))
         if from_cache:  # decode: attend over the whole cache; prefill attends to its own keys
-            keys, values = cache["k"][layer], cache["v"][layer]
+            keys, values = layer_cache[0][0], layer_cache[1][0]
     out = attention(q.reshape(b, t, kv, group, hd), keys, values, mask)  # [B, T, H*D]
-    return linear(out, p["o_proj"]), cache
+    return linear(out, p["o_proj"]), layer_cache
 
 
 def _mlp(x, p: Params) -> jax.Array:
@@ -95,14 +97,19 @@ def decoder(params: Params, cfg: TextConfig, x, positions, mask, cache=None, wri
             from_cache: bool = False):
     """Decoder layers + final norm. x [B, T, D]; deepstack [k, B, T, D] is added after layers 0..k-1."""
     cos, sin = mrope_cos_sin(positions, cfg, x.dtype)
+    new_cache = None if cache is None else {"k": [], "v": []}
     for i, lp in enumerate(params["layers"]):
-        h, cache = _self_attn(rms_norm(x, lp["input_layernorm"]["weight"], cfg.rms_norm_eps), lp["self_attn"],
-                              cos, sin, mask, cache, i, write_index, from_cache, cfg)
+        layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
+        h, layer_cache = _self_attn(rms_norm(x, lp["input_layernorm"]["weight"], cfg.rms_norm_eps), lp["self_attn"],
+                                    cos, sin, mask, layer_cache, write_index, from_cache, cfg)
+        if new_cache is not None:
+            new_cache["k"].append(layer_cache[0])
+            new_cache["v"].append(layer_cache[1])
         x = x + h
         x = x + _mlp(rms_norm(x, lp["post_attention_layernorm"]["weight"], cfg.rms_norm_eps), lp["mlp"])
         if deepstack is not None and i < deepstack.shape[0]:
             x = x + deepstack[i].astype(x.dtype)
-    return rms_norm(x, params["norm"]["weight"], cfg.rms_norm_eps), cache
+    return rms_norm(x, params["norm"]["weight"], cfg.rms_norm_eps), new_cache
 
 
 def lm_head(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
@@ -147,7 +154,7 @@ def forward(params: Params, cfg: ModelConfig, ids, positions, start, vision_embe
 def decode(params: Params, cfg: ModelConfig, token, position, start, write_index, cache: Cache):
     """One token per row: token [B], position [B] (mRoPE, text so T=H=W), writes slot `write_index`."""
     x = embed(params, token[:, None])
-    slot = jnp.arange(cache["k"].shape[2])
+    slot = jnp.arange(cache["k"][0].shape[2])
     mask = ((slot[None, :] >= start[:, None]) & (slot[None, :] <= write_index))[:, None, :]  # [B, 1, S]
     positions = jnp.broadcast_to(position[None, :, None], (3, token.shape[0], 1))
     h, cache = decoder(params["language_model"], cfg.text, x, positions, mask, cache, write_index, from_cache=True)
