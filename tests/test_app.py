@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -103,6 +104,7 @@ def shared_app_server() -> AppServer:
 
     if not _shared:
         folder = pathlib.Path(tempfile.mkdtemp(prefix="vlm-app-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)  # runs after the server's own stop (LIFO)
         server = AppServer(folder, upload_dir=folder / "uploads")
         try:
             server.wait_ready()
