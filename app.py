@@ -82,7 +82,9 @@ class Backend:
             log(f"backend: {jax.default_backend()} {jax.devices()}")
             log(f"loading {self.opts.model.name} …")
             t0 = time.perf_counter()
-            self.model, self.params, self.tokenizer = load_model(self.opts.model.name, dtype=dtype_arg(self.opts))
+            self.model, self.params, self.tokenizer = load_model(
+                self.opts.model.name, dtype=dtype_arg(self.opts), mesh=self.opts.model.mesh
+            )
             pre = self.model.preprocess
             self.preprocess = dataclasses.replace(pre, max_pixels=min(pre.max_pixels, self.opts.model.max_pixels))
             log(f"loaded in {time.perf_counter() - t0:.1f} s; images up to {self.preprocess.max_pixels} pixels")

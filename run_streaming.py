@@ -91,7 +91,7 @@ def setup(prog: str, opts: Options):
     log(f"backend: {jax.default_backend()} {jax.devices()}")
     t0 = time.perf_counter()
     try:
-        model, params, tokenizer = load_model(opts.model.name, dtype=dtype_arg(opts))
+        model, params, tokenizer = load_model(opts.model.name, dtype=dtype_arg(opts), mesh=opts.model.mesh)
     except Exception as e:  # hub errors, missing files, bad checkpoints: one line, not a traceback
         why = " ".join(str(e).split())[:400] or type(e).__name__
         offline = opts.model.name == "tiny" or os.path.isdir(opts.model.name)

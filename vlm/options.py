@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import enum
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,11 @@ class ModelOptions:
         "most pixels per image for the vision tower; larger images are downscaled, with a note "
         "(the checkpoint's own limit applies when lower; Qwen3-VL's is 16777216)",
         (lambda v: v >= 65_536, "an integer >= 65536 (the model's smallest input)"),
+    )
+    mesh: str = _opt(
+        "auto",
+        "device mesh DATAxMODEL to shard over (e.g. 1x4, 2x2); auto = all devices on 'model', none with one device",
+        (lambda v: v == "auto" or re.fullmatch(r"\d+x\d+", v) is not None, "'auto' or DATAxMODEL such as 1x4"),
     )
 
 
