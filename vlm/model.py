@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig, TextConfig
-from .ops import Params, apply_rope, attention, linear, rms_norm
+from .ops import Params, apply_rope, attention, linear, matmul_t, rms_norm
 
 Cache = dict[str, list[jax.Array]]  # {"k", "v"}: one [1, B, S, kv_heads, head_dim] array per layer
 
@@ -115,7 +115,7 @@ def decoder(params: Params, cfg: TextConfig, x, positions, mask, cache=None, wri
 def lm_head(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     """Logits in f32; a tied head reads the embedding table itself (no copy)."""
     w = params["language_model"]["embed_tokens"]["weight"] if cfg.tie_word_embeddings else params["lm_head"]["weight"]
-    return jnp.einsum("...d,vd->...v", h, w, preferred_element_type=jnp.float32)
+    return matmul_t(h, w, out_dtype=jnp.float32)
 
 
 def embed(params: Params, ids, vision_embeds=None, vision_index=None):

@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 Params = dict
 
 
+def matmul_t(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+    """x @ w.T over the last axis, [..., I] x [O, I] -> [..., O], accumulated in f32, cast to `out_dtype`
+    (default: x's dtype).
+
+    Both details are for XLA:CPU's bf16 products: given a bf16 result it first converts the whole weight
+    matrix to f32, and a single row (batch-1 decode) runs in a naive loop ~10x slower than reading the
+    weights allows, whereas two rows take its fast matrix-matrix path, so one row is padded to two."""
+    out_dtype = out_dtype or x.dtype
+    if math.prod(x.shape[:-1]) == 1 and w.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+        two = jnp.concatenate([x.reshape(1, -1), jnp.zeros((1, x.shape[-1]), x.dtype)])  # [2, I]
+        y = jnp.einsum("ri,oi->ro", two, w, preferred_element_type=jnp.float32)[:1]
+        return y.reshape(*x.shape[:-1], -1).astype(out_dtype)
+    return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
 def linear(x: jax.Array, p: Params) -> jax.Array:
     """x @ W.T (+ b) with W in Hugging Face layout [out, in]."""
-    y = jnp.einsum("...i,oi->...o", x, p["weight"])
+    y = matmul_t(x, p["weight"])
     return y + p["bias"] if "bias" in p else y
 
 
@@ -49,5 +66,5 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [B, T, K, G, D]
-    return out.reshape(*out.shape[:2], -1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)  # [B, T, K, G, D]
+    return out.reshape(*out.shape[:2], -1).astype(v.dtype)
