@@ -1,4 +1,4 @@
-"""Gradio demo: ask Qwen3-VL (JAX) about an image, streamed token by token or in one batch scan.
+"""Gradio demo: ask Qwen3-VL (JAX) about an image, streamed token by token or in a batch lax.scan.
 
     python app.py                        # Qwen/Qwen3-VL-2B-Instruct from the Hugging Face hub
     python app.py model.name=tiny        # offline tiny checkpoint (random weights: answers are random)
@@ -10,7 +10,8 @@ A thin layer over vlm: load_model / prepare_inputs / sample_streaming / sample d
 Public-demo care: every input (the API's too) is checked and bad input gets one clear message, never a
 traceback (those go to the terminal; `server.debug` shows their text); images are capped (model.max_pixels)
 with a note when changed; uploads are deleted once read; one generation runs at a time and the others queue;
-Stop or a client that goes away ends a streaming generation at its next token.
+Stop or a client that goes away ends a streaming generation at its next token, and a batch one at the end of
+the lax.scan chunk it is in (sample(should_stop=...), STOP_CHUNK decode steps).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import itertools
 import math
 import os
 import shutil
@@ -93,7 +95,7 @@ class Backend:
             t0 = time.perf_counter()
             image = str(HERE / "examples" / "imgs" / EXAMPLES[0][0])
             s = self.opts.sampling
-            for mode in (STREAMING, BATCH):  # same shapes as a default request: image bucket, cache length, scan length
+            for mode in (STREAMING, BATCH):  # same shapes as a default request: image bucket, cache length, scan chunk
                 updates = run(
                     self,
                     image,
@@ -125,7 +127,7 @@ class Job:
     """One request's stop flag and token counter, shared by its page event and the thread that generates."""
 
     def __init__(self):
-        self.tokens = 0  # tokens generated so far (the first from prefill, then one per decode step)
+        self.tokens = 0  # tokens made so far: the first from prefill, then one per decode step (batch: per chunk)
         self.stopped_at: int | None = None  # `tokens` when the stop came
         self.reason = ""
         self._stop = threading.Event()
@@ -258,6 +260,20 @@ def shade(pieces: list[tuple[str, float]]) -> list[tuple[str, float]]:
     return out
 
 
+def chunk_stop(job: Job):
+    """`should_stop` for sample(): True once the job is stopped. sample() asks before each chunk of STOP_CHUNK
+    decode steps, so this also keeps `job.tokens` at the tokens made so far (the first one comes from prefill)."""
+    from vlm.sampling import STOP_CHUNK
+
+    chunks = itertools.count()
+
+    def should_stop() -> bool:
+        job.tokens = 1 + next(chunks) * STOP_CHUNK
+        return job.stopped
+
+    return should_stop
+
+
 def batch_pieces(tokenizer, tokens, logprobs) -> list[tuple[str, float]]:
     """Whole answer from the scan -> (text, logprob) per token, by decoding growing prefixes."""
     tokens, pieces, prev = [int(t) for t in tokens], [], ""
@@ -277,7 +293,7 @@ def stats_line(mode: str, n: int, t0: float, t_first: float | None, compiled: bo
     first = (
         f"first token {t_first - t0:.2f} s" if mode == STREAMING and t_first else f"whole answer after {total:.2f} s"
     )
-    sampler = "streaming (Python loop over the jitted decode step)" if mode == STREAMING else "batch (one lax.scan)"
+    sampler = "streaming (Python loop over the jitted decode step)" if mode == STREAMING else "batch (lax.scan)"
     end = " · stopped" if stopped else ""
     compiled_text = "yes" if compiled else "no"
     return f"{first} · {n} tokens · {rate:.1f} tokens/s · sampler: {sampler} · compiled: {compiled_text}{end}"
@@ -404,10 +420,12 @@ def run(
 ):
     """The generation endpoint, run in a worker thread. Checks every input, then yields
     (chat history, stats line, shaded tokens, notes for the user) as the answer grows; stops within a token
-    of `job.stop()`. Bad input raises gr.Error with a message for the user."""
+    (streaming) or a chunk of STOP_CHUNK decode steps (batch) of `job.stop()`, ending with the partial answer
+    and "· stopped" in the stats line. Bad input raises gr.Error with a message for the user."""
     import jax
 
     from vlm import prepare_inputs, sample, sample_streaming
+    from vlm.sampling import STOP_CHUNK
 
     job = job or Job()
     path = image_path(image)
@@ -456,12 +474,10 @@ def run(
         if mode == BATCH:
             if job.stopped:
                 return
-            res = sample(model, params, inputs, cfg, key, tokenizer=tokenizer)
-            job.tokens = len(res.tokens[0])
-            if job.stopped:  # one compiled scan cannot stop midway: it ran to its end
-                log(f"generation stopped after {job.tokens} tokens ({job.reason}): a batch scan runs to its end")
-                return
+            res = sample(model, params, inputs, cfg, key, tokenizer=tokenizer, should_stop=chunk_stop(job))
+            job.tokens, stopped = len(res.tokens[0]), res.stopped
             answer, pieces = res.texts[0], batch_pieces(tokenizer, res.tokens[0], res.logprobs[0])
+            in_flight = f"the scan stops between chunks of {STOP_CHUNK} steps"
         else:
             stream, last = sample_streaming(model, params, inputs, cfg, key, tokenizer=tokenizer), 0.0
             try:
@@ -479,16 +495,15 @@ def run(
                         yield chat, stats + note, shade(pieces), notes
             finally:
                 stream.close()  # ends the decode loop; a step already dispatched finishes on the device
-            if job.stopped:
-                if not warm_up:
-                    log(
-                        f"generation stopped after {job.tokens} tokens ({job.reason}): "
-                        f"decode steps after the stop request: {job.tokens - job.stopped_at} (+1 already dispatched)"
-                    )
-                return
+            stopped, in_flight = job.stopped, "+1 already dispatched"
         chat[-1]["content"] = answer
-        stats = stats_line(mode, len(pieces), t0, t_first, model.compile_count > compiles)
-        if not warm_up:
+        stats = stats_line(mode, len(pieces), t0, t_first, model.compile_count > compiles, stopped=stopped)
+        if stopped and not warm_up:  # nobody may be listening any more; the partial answer still ends the run
+            log(
+                f"generation stopped after {job.tokens} tokens ({job.reason}): "
+                f"decode steps after the stop request: {job.tokens - job.stopped_at} ({in_flight})"
+            )
+        elif not warm_up:
             log(f"answered: {stats}")
         yield chat, stats + note, shade(pieces), notes
     finally:
@@ -505,7 +520,7 @@ def build(backend: Backend) -> gr.Blocks:
         image, prompt, history, mode, temperature, top_p, top_k, max_new_tokens, seed, request: gr.Request
     ):
         """Runs `run` in a worker thread and streams its updates. Stop and a client gone away close this
-        generator, which stops the worker at its next token."""
+        generator, which stops the worker at its next token (streaming) or scan chunk (batch)."""
         job, loop, updates = Job(), asyncio.get_running_loop(), asyncio.Queue()
         uploads.loop = loop
         values = (image, prompt, history, mode, temperature, top_p, top_k, max_new_tokens, seed)
@@ -561,7 +576,7 @@ def build(backend: Backend) -> gr.Blocks:
     with gr.Blocks(title="Qwen3-VL in JAX", delete_cache=(UPLOAD_MAX_AGE_S // 6, UPLOAD_MAX_AGE_S)) as demo:
         uploads = Uploads(demo)
         gr.Markdown(
-            "# Qwen3-VL in JAX\nAsk about an image. Answers stream token by token, or come whole from one `lax.scan`."
+            "# Qwen3-VL in JAX\nAsk about an image. Answers stream token by token, or come whole from a `lax.scan`."
         )
         if opts.model.name == "tiny":
             gr.Markdown(

@@ -156,10 +156,10 @@ def test_kv_cache_and_rows_sharding(sharded):
     assert dev["prompt_tokens"].sharding.is_equivalent_to(NamedSharding(mesh, P(DATA if data > 1 else None)), 2)
     token, _, cache = S._start(model, params, inputs, cfg, jax.random.key(0), dev)
     kv_heads = MODEL if size == 2 else None  # 2 kv heads
-    leaves = jax.tree.leaves(cache)  # whatever the cache layout: each array ends in [B, S, kv_heads, head_dim]
+    leaves = jax.tree.leaves(cache)  # whatever the cache layout: each array ends in [B, kv_heads, S, head_dim]
     for x in leaves:
         lead = [None] * (x.ndim - 4)
-        expected = NamedSharding(mesh, P(*lead, DATA if data > 1 else None, None, kv_heads, None))
+        expected = NamedSharding(mesh, P(*lead, DATA if data > 1 else None, kv_heads, None, None))
         assert x.sharding.is_equivalent_to(expected, x.ndim), f"{name}: {x.sharding.spec}"
     if size == 1:
         return

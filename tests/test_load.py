@@ -4,6 +4,7 @@
   the queue position reported while waiting (one generation runs at a time).
 - Stop, and a client that disconnects: the server logs how many decode steps ran after the stop request; at
   most one more token is computed (plus the one step already dispatched), and the next request is answered.
+  In Batch (scan) mode Stop ends the scan after the chunk (STOP_CHUNK decode steps) in flight.
 - Soak: 50 requests with fresh images of several kinds and sizes, prompts and both samplers: the server's
   resident memory after the last is within 10 % of that after the 5th, nothing compiles after the first 5
   (one of each shape), and no upload is left behind.
@@ -110,6 +111,69 @@ def test_stop_ends_the_generation_within_a_step_and_frees_the_model(server):
         assert reason == "Stop pressed" and int(after) <= 1 and int(tokens) < 2000
         chat, stats = final(ask(client, max_new_tokens=4))  # the model is free for the next request
         assert "4 tokens" in stats
+
+
+def test_stop_ends_a_batch_generation_within_a_chunk_and_frees_the_model(server):
+    """Batch (scan) decodes in lax.scan chunks of STOP_CHUNK steps and asks between them whether to stop: at
+    most the chunk in flight runs after the stop request."""
+    from gradio_client import Client
+
+    from vlm.sampling import STOP_CHUNK
+
+    client = Client(server.url, verbose=False)
+    for attempt in range(2):  # the first may stop while the long cache's chunk compiles; the second is warm
+        seen = len(re.findall(STOPPED, server.log()))
+        job = ask(client, mode=BATCH, max_new_tokens=2000, temperature=0.7, seed=attempt)
+        deadline = time.monotonic() + 120
+        while not any("Generating" in o[1] for o in job.outputs()):  # sample() has started
+            assert time.monotonic() < deadline and not job.done(), server.log()[-3000:]
+            time.sleep(0.02)
+        time.sleep(2)  # decoding, chunk after chunk
+        assert not job.done() and job.cancel()
+        stopped = time.monotonic()
+        tokens, reason, after = wait_for_log(server, STOPPED, seen + 1).groups()
+        print(f"batch stop {attempt}: {tokens} tokens, {after} decode steps after the stop request, "
+              f"logged {time.monotonic() - stopped:.2f} s after the cancel")
+        assert reason == "Stop pressed" and int(after) <= STOP_CHUNK and int(tokens) < 2000
+        if attempt:
+            assert int(tokens) > 1 + STOP_CHUNK  # the stop came mid-decode, not before the first chunk
+        _, stats = final(ask(client, mode=BATCH, max_new_tokens=4))  # the model is free for the next request
+        assert "4 tokens" in stats and "stopped" not in stats
+
+
+def test_a_stopped_batch_run_ends_with_its_partial_answer():
+    """In process: app.run in Batch (scan) mode, stopped after two chunks, ends with the answer made so far
+    and "· stopped" in its stats line, and frees the model lock."""
+    import app
+    from vlm import load_model
+    from vlm.options import parse
+    from vlm.sampling import STOP_CHUNK
+
+    backend = app.Backend(parse(["model.name=tiny"], ("model", "sampling", "server"), prog="app.py", environ={}))
+    backend.model, backend.params, backend.tokenizer = load_model("tiny")
+    backend.preprocess = backend.model.preprocess
+    backend.ready.set()
+
+    class StopAfterTwoChunks(app.Job):
+        @property
+        def stopped(self) -> bool:  # asked with job.tokens set to the tokens made before each chunk
+            if self.tokens > 2 * STOP_CHUNK:
+                self.stop("test")
+            return super().stopped
+
+    def last(job=None):
+        *_, (chat, stats, _tokens, _notes) = app.run(backend, PANDA, "Describe this image", [], BATCH, 0.7, 0.8, 20,
+                                                     64, 0, job=job)
+        return app.message_text(chat[-1]["content"]), stats
+
+    full, full_stats = last()
+    job = StopAfterTwoChunks()
+    partial, stats = last(job)
+    n = 1 + 2 * STOP_CHUNK
+    assert f"{n} tokens" in stats and "· stopped" in stats and job.tokens == n and job.stopped_at == n
+    assert "64 tokens" in full_stats and "stopped" not in full_stats
+    assert partial and full.startswith(partial) and len(partial) < len(full)
+    assert not backend.lock.locked()
 
 
 def test_a_client_that_goes_away_ends_its_generation(server):

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from vlm import SamplingConfig, load_model, prepare_inputs, sample, sample_streaming
-from vlm.sampling import Detokenizer, process_logits
+from vlm.sampling import STOP_CHUNK, Detokenizer, process_logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -170,3 +170,102 @@ def test_second_and_third_requests_do_not_compile(ours):
         sample(model, params, inputs, other, jax.random.key(i))
         _stream(model, params, tok, inputs, other, seed=i)
     assert model.compile_count == before
+
+
+def _chunked_inputs(model, params, tok):
+    return prepare_inputs(model, params, tok, [_image(256, 300, 8), None], ["Tell me a story about it.", "Say hi"])
+
+
+def test_chunked_scan_equals_one_scan(ours):
+    """sample(should_stop=...) decodes in lax.scan chunks: the same tokens as one scan, and it ends once every
+    row has hit eos."""
+    model, params, tok = ours
+    inputs = _chunked_inputs(model, params, tok)
+    cfg = SamplingConfig(temperature=0.9, top_k=40, top_p=0.85, max_new_tokens=45)  # not a multiple of the chunk
+    assert cfg.max_new_tokens % STOP_CHUNK
+    for seed in (0, 1):
+        one = sample(model, params, inputs, cfg, jax.random.key(seed), tokenizer=tok)
+        chunked = sample(model, params, inputs, cfg, jax.random.key(seed), tokenizer=tok, should_stop=lambda: False)
+        assert [len(t) for t in one.tokens] == [45, 45] and one.tokens[0] != one.tokens[1]
+        assert chunked.tokens == one.tokens and chunked.texts == one.texts
+        assert not chunked.stopped and not one.stopped
+        for row in range(2):
+            assert np.allclose(chunked.logprobs[row], one.logprobs[row], atol=1e-6, rtol=0)
+    # eos: rows end at their own eos, and no chunk runs once every row has hit one
+    eos_cfg = SamplingConfig(temperature=0.9, top_k=40, top_p=0.85, max_new_tokens=45,
+                             eos_id=[one.tokens[0][9], one.tokens[1][20]])
+    one = sample(model, params, inputs, eos_cfg, jax.random.key(1), tokenizer=tok)
+    calls = []
+
+    def count_asks() -> bool:
+        calls.append(1)
+        return False
+
+    chunked = sample(model, params, inputs, eos_cfg, jax.random.key(1), tokenizer=tok, should_stop=count_asks)
+    assert chunked.tokens == one.tokens and not chunked.stopped
+    longest = max(len(t) for t in one.tokens)
+    assert longest <= 21 and len(calls) == -(-(longest - 1) // STOP_CHUNK)  # one ask per chunk run, no more
+
+
+@pytest.mark.parametrize("chunks", [0, 2])
+def test_should_stop_returns_the_tokens_made_so_far(ours, chunks):
+    model, params, tok = ours
+    inputs = _chunked_inputs(model, params, tok)
+    cfg = SamplingConfig(temperature=0.9, top_k=40, top_p=0.85, max_new_tokens=45)
+    full = sample(model, params, inputs, cfg, jax.random.key(0), tokenizer=tok)
+    calls = []
+
+    def should_stop():  # False for the first `chunks` asks, then True
+        calls.append(1)
+        return len(calls) > chunks
+
+    res = sample(model, params, inputs, cfg, jax.random.key(0), tokenizer=tok, should_stop=should_stop)
+    n = 1 + chunks * STOP_CHUNK  # the prefill token, then STOP_CHUNK per chunk run
+    assert res.stopped and len(calls) == chunks + 1
+    for row in range(2):
+        assert res.tokens[row] == full.tokens[row][:n]
+        assert np.allclose(res.logprobs[row], full.logprobs[row][:n], atol=1e-6, rtol=0)
+        assert res.texts[row] == tok.decode(res.tokens[row], skip_special_tokens=True)
+
+
+def test_chunked_scan_compiles_once_not_per_chunk_or_length(ours):
+    model, params, tok = ours
+    inputs = _chunked_inputs(model, params, tok)
+    cfg = SamplingConfig(temperature=0.8, top_k=10, top_p=0.9, max_new_tokens=20)
+    sample(model, params, inputs, cfg, jax.random.key(0), should_stop=lambda: False)
+    before = model.compile_count
+    # other sampling values, seed and length (another steps bucket for one scan, the same chunk)
+    other = SamplingConfig(temperature=0.5, top_k=3, top_p=0.7, max_new_tokens=70)
+    res = sample(model, params, inputs, other, jax.random.key(3), should_stop=lambda: False)
+    assert [len(t) for t in res.tokens] == [70, 70]
+    assert model.compile_count == before
+
+
+@pytest.mark.parametrize("top_k,top_p", [(20, 0.8), (1, 1.0), (64, 0.95), (65, 0.9), (0, 0.5), (5, 0.3)])
+def test_top_k_fast_path_keeps_what_the_full_sort_keeps(top_k, top_p):
+    """process_logits takes lax.top_k instead of sorting the vocabulary when top-k is on; ties at the k-th
+    value (more candidates than TOP_K_FAST) fall back to the sort. Both give the same kept set."""
+    from vlm.sampling import TOP_K_FAST, _top_p_cut
+
+    rng = np.random.default_rng(top_k)
+    logits = (rng.standard_normal((3, 151936)) * 4).astype(np.float32)
+    logits[1, : TOP_K_FAST + 10] = logits[1].max()  # more ties at the top than the fast path holds
+    logits[2] = np.round(logits[2], 1)  # many ties everywhere
+    x = jax.numpy.asarray(logits) / 0.7
+    ref = np.asarray(x >= _top_p_cut(jax.numpy.sort(x, axis=-1), np.int32(top_k), np.float32(top_p), x.shape[-1]))
+    got = np.asarray(process_logits(jax.numpy.asarray(logits), np.float32(0.7), np.int32(top_k), np.float32(top_p)))
+    assert np.array_equal(~np.isinf(got), ref)
+
+
+def test_draws_follow_the_kept_distribution():
+    """choose() draws among the kept tokens only (through top_k when they are few) with their softmax odds."""
+    from vlm.sampling import choose
+
+    logits = np.full((1, 5000), -5.0, np.float32)
+    logits[0, [7, 1234, 4999]] = np.log([0.5, 0.3, 0.2]) + 10
+    draw = jax.jit(jax.vmap(lambda k: choose(jax.numpy.asarray(logits), k, np.float32(1.0), np.int32(3),
+                                             np.float32(1.0))[0][0]))
+    tokens = np.asarray(draw(jax.random.split(jax.random.key(0), 4000)))
+    assert set(tokens.tolist()) == {7, 1234, 4999}
+    freq = [np.mean(tokens == t) for t in (7, 1234, 4999)]
+    assert np.allclose(freq, [0.5, 0.3, 0.2], atol=0.03), freq

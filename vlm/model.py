@@ -20,7 +20,7 @@ import numpy as np
 from .config import ModelConfig, TextConfig
 from .ops import Params, apply_rope, attention, linear, matmul_t, rms_norm
 
-Cache = dict[str, list[jax.Array]]  # {"k", "v"}: one [1, B, S, kv_heads, head_dim] array per layer
+Cache = dict[str, list[jax.Array]]  # {"k", "v"}: one [B, kv_heads, S, head_dim] array per layer
 
 
 @dataclass(eq=False)
@@ -51,10 +51,10 @@ class Qwen3VL:
 
 def init_cache(cfg: TextConfig, batch: int, length: int, dtype) -> Cache:
     """A zeroed KV cache, one array per layer: each decode step writes every layer's new slot in place,
-    whereas into one stacked [layers, ...] array XLA (CPU) copies the whole array at every layer's write.
-    Each keeps the stacked layout's leading axis (size 1), so per-layer code and sharding specs written
-    for [layers, B, S, kv_heads, head_dim] apply unchanged."""
-    shape = (1, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    whereas into one stacked [layers, ...] array XLA (CPU) copies the whole array at every layer's write
+    (as it does when the attention reads a reshaped view of the array it writes). Heads before slots make
+    both attention products batched over (row, kv head) in the cache's own layout: no per-step copy."""
+    shape = (batch, cfg.num_key_value_heads, length, cfg.head_dim)
     return {name: [jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)] for name in ("k", "v")}
 
 
@@ -79,12 +79,12 @@ def _self_attn(x, p: Params, cos, sin, mask, layer_cache: tuple[jax.Array, jax.A
     k = rms_norm(linear(x, p["k_proj"]).reshape(b, t, kv, hd), p["k_norm"]["weight"], cfg.rms_norm_eps)
     v = linear(x, p["v_proj"]).reshape(b, t, kv, hd)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    keys, values = k, v
+    keys, values = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, kv_heads, T, D], the cache's layout
     if layer_cache is not None:
-        layer_cache = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (0, 0, write_index, 0, 0))
+        layer_cache = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, 0, write_index, 0))
                             for c, new in zip(layer_cache, (keys, values)))
         if from_cache:  # decode: attend over the whole cache; prefill attends to its own keys
-            keys, values = layer_cache[0][0], layer_cache[1][0]
+            keys, values = layer_cache
     out = attention(q.reshape(b, t, kv, group, hd), keys, values, mask)  # [B, T, H*D]
     return linear(out, p["o_proj"]), layer_cache
 

@@ -59,12 +59,15 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Grouped-query attention.
 
-    q [B, T, K, G, D], k/v [B, S, K, D], mask [B, T, S] (True = attend) -> [B, T, K*G*D].
-    Scores and softmax in f32, as transformers' eager attention.
+    q [B, T, K, G, D], k/v [B, K, S, D], mask [B, T, S] (True = attend) -> [B, T, K*G*D].
+    Scores and softmax in f32, as transformers' eager attention. Both products are batched over
+    (row, kv head) in the cache's own layout, with a kv head's G query heads x T tokens as the rows, so
+    a decode step (T = 1) is a matrix-vector product per head that reads the cache in place.
     """
-    scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)  # [B, T, K, G, D]
-    return out.reshape(*out.shape[:2], -1).astype(v.dtype)
+    b, t, kv, g, d = q.shape
+    rows = jnp.moveaxis(q, 1, 3).reshape(b, kv, g * t, d)  # [B, K, G*T, D]
+    scores = jnp.einsum("bkmd,bksd->bkms", rows, k, preferred_element_type=jnp.float32) * d**-0.5
+    scores = jnp.where(mask[:, None, None], scores.reshape(b, kv, g, t, -1), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * t, -1)
+    out = jnp.einsum("bkms,bksd->bkmd", probs, v, preferred_element_type=jnp.float32)  # [B, K, G*T, D]
+    return jnp.moveaxis(out.reshape(b, kv, g, t, d), 3, 1).reshape(b, t, -1).astype(v.dtype)

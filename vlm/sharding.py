@@ -182,11 +182,11 @@ def batch_axis(mesh: Mesh | None, rows: int) -> str | None:
 
 
 def cache_spec(mesh: Mesh, cfg: ModelConfig, shape: tuple[int, ...]) -> P:
-    """A KV cache array [..., B, S, kv_heads, head_dim] (any leading layer axes): rows over `data`, kv
+    """A KV cache array [..., B, kv_heads, S, head_dim] (any leading layer axes): rows over `data`, kv
     heads over `model` when they divide, else replicated."""
     kv = cfg.text.num_key_value_heads
     heads = MODEL if mesh.shape[MODEL] > 1 and kv % mesh.shape[MODEL] == 0 else None
-    return P(*[None] * (len(shape) - 4), batch_axis(mesh, shape[-4]), None, heads, None)
+    return P(*[None] * (len(shape) - 4), batch_axis(mesh, shape[-4]), heads, None, None)
 
 
 def constrain_cache(cache, mesh: Mesh | None, cfg: ModelConfig):
