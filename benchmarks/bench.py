@@ -178,7 +178,8 @@ def export_inputs(ckpt: Path, n_batch: list[int], out: Path) -> dict:
     from vlm.processing import PreprocessConfig, load_tokenizer
 
     gen = json.loads((ckpt / "generation_config.json").read_text())
-    model = Qwen3VL(cfg=ModelConfig.from_dir(ckpt), dtype=resolve_dtype(None),
+    cfg = ModelConfig.from_dir(ckpt)
+    model = Qwen3VL(cfg=cfg, dtype=resolve_dtype(None, cfg.stored_dtype),
                     preprocess=PreprocessConfig.from_dir(ckpt), generation=gen)
     tok = load_tokenizer(ckpt)
     arrays, info = {}, {}
@@ -564,7 +565,7 @@ def main() -> None:
     p.add_argument("--model", choices=["2b", "tiny"], default=None, help="2B-shaped random weights (default) or tiny")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: tiny model, 8 tokens, batch 1 and 2, 1 repeat, transformers in f32 only")
-    p.add_argument("--dtype", default="auto", help="JAX side: auto (f32 on CPU, bf16 on GPU/TPU), float32, bfloat16")
+    p.add_argument("--dtype", default="auto", help="JAX side: auto (the checkpoint's: bf16), float32, bfloat16")
     p.add_argument("--hf-dtypes", nargs="*", default=None,
                    help="transformers dtypes (default float32 bfloat16; --quick: float32; none given: skip)")
     p.add_argument("--reuse-hf", type=Path, default=None,
@@ -593,13 +594,13 @@ def main() -> None:
 
     import jax
 
-    from vlm.config import resolve_dtype
+    from vlm.config import ModelConfig, resolve_dtype
 
     t_start = time.perf_counter()
     m = machine()
     log(f"machine: {m['cpu']}, {m['cores']} cores, backend {m['backend']} {m['devices']}")
     ckpt = checkpoint(args.model)
-    dtype = np.dtype(resolve_dtype(args.dtype)).name
+    dtype = np.dtype(resolve_dtype(args.dtype, ModelConfig.from_dir(ckpt).stored_dtype)).name
     work = Path(tempfile.mkdtemp(prefix="vlm-bench-"))
     try:
         info = export_inputs(ckpt, args.batch, work / "inputs.npz")

@@ -108,7 +108,8 @@ def test_stop_ends_the_generation_within_a_step_and_frees_the_model(server):
             time.sleep(0.02)
         assert job.cancel()
         tokens, reason, after = wait_for_log(server, STOPPED, seen + 1).groups()
-        assert reason == "Stop pressed" and int(after) <= 1 and int(tokens) < 2000
+        # gradio's /cancel throws into the running generator (Stop pressed) or just closes it (client gone)
+        assert reason in ("Stop pressed", "client gone") and int(after) <= 1 and int(tokens) < 2000
         chat, stats = final(ask(client, max_new_tokens=4))  # the model is free for the next request
         assert "4 tokens" in stats
 
@@ -134,7 +135,7 @@ def test_stop_ends_a_batch_generation_within_a_chunk_and_frees_the_model(server)
         tokens, reason, after = wait_for_log(server, STOPPED, seen + 1).groups()
         print(f"batch stop {attempt}: {tokens} tokens, {after} decode steps after the stop request, "
               f"logged {time.monotonic() - stopped:.2f} s after the cancel")
-        assert reason == "Stop pressed" and int(after) <= STOP_CHUNK and int(tokens) < 2000
+        assert reason in ("Stop pressed", "client gone") and int(after) <= STOP_CHUNK and int(tokens) < 2000
         if attempt:
             assert int(tokens) > 1 + STOP_CHUNK  # the stop came mid-decode, not before the first chunk
         _, stats = final(ask(client, mode=BATCH, max_new_tokens=4))  # the model is free for the next request

@@ -1,8 +1,10 @@
 """load_model: hub ids resolve through the Hugging Face cache (offline here), tied heads stay one array."""
 
+import json
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -48,3 +50,18 @@ def test_bfloat16_weights(tiny_dir):
 def test_unknown_dtype_is_refused(tiny_dir):
     with pytest.raises(ValueError, match="dtype"):
         load_model(tiny_dir, dtype="float8")
+
+
+def test_auto_dtype_is_the_checkpoints_own(tiny_dir, tmp_path):
+    """`auto` loads what config.json says: float32 for the tiny model, bfloat16 for the Qwen3-VL releases."""
+    model, params, _ = load_model(tiny_dir)
+    assert model.dtype == jnp.float32 and params["language_model"]["norm"]["weight"].dtype == jnp.float32
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(tiny_dir, bf16)
+    cfg = json.loads((bf16 / "config.json").read_text())
+    cfg["dtype"] = "bfloat16"
+    (bf16 / "config.json").write_text(json.dumps(cfg))
+    model, params, _ = load_model(bf16)
+    assert model.dtype == jnp.bfloat16 and params["language_model"]["norm"]["weight"].dtype == jnp.bfloat16
+    model, params, _ = load_model(bf16, dtype="float32")
+    assert params["language_model"]["norm"]["weight"].dtype == jnp.float32

@@ -25,7 +25,7 @@ DEFAULT_MODEL = "Qwen/Qwen3-VL-2B-Instruct"
 
 
 class Dtype(enum.StrEnum):
-    """Parameter dtype; `auto` lets the loader choose (bfloat16 on accelerators, float32 on CPU)."""
+    """Parameter dtype; `auto` is the checkpoint's own (bfloat16 for Qwen3-VL, float32 for the tiny model)."""
 
     auto = "auto"
     float32 = "float32"

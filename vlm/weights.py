@@ -169,7 +169,7 @@ def resolve_path(name_or_path: str | Path) -> Path:
 
 
 def load_model(name_or_path: str | Path = "Qwen/Qwen3-VL-2B-Instruct", dtype=None, mesh=None):
-    """Load a Qwen3-VL checkpoint -> (model, params, tokenizer). dtype: None/"auto" (f32 on CPU, bf16 else).
+    """Load a Qwen3-VL checkpoint -> (model, params, tokenizer). dtype: None/"auto" (the checkpoint's: bf16 for Qwen3-VL).
 
     mesh: "DxM" such as "1x4" or "2x2", a jax Mesh with axes ("data", "model"), or "auto" (one device:
     plain placement; several: all on `model`). None reads VLM_MODEL_MESH, else "auto". Each weight goes
@@ -180,7 +180,7 @@ def load_model(name_or_path: str | Path = "Qwen/Qwen3-VL-2B-Instruct", dtype=Non
 
     path = resolve_path(name_or_path)
     cfg = ModelConfig.from_dir(path)
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, cfg.stored_dtype)
     gen_file = path / "generation_config.json"
     generation = json.loads(gen_file.read_text()) if gen_file.exists() else {}
     model = Qwen3VL(cfg=cfg, dtype=dtype, preprocess=PreprocessConfig.from_dir(path), generation=generation,
