@@ -1,7 +1,8 @@
 """Checkpoint loading: a hub id, a local folder or "tiny" -> (model, params, tokenizer).
 
 Safetensors only. Each tensor is memory-mapped, checked against the shape the config implies and
-put on the device in the configured dtype one at a time, so no full host copy is ever held.
+put on the device in the configured dtype one at a time, its mapped pages released after it, so no
+full host copy is ever held.
 Every checkpoint key must map to a parameter and every parameter must be filled, or loading fails
 naming the offending keys.
 """
@@ -9,6 +10,7 @@ naming the offending keys.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import struct
@@ -100,6 +102,18 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def _drop_pages(array: np.ndarray) -> None:
+    """Let the kernel drop a memory-mapped tensor's pages once it has been put on the device: touched
+    file pages count as this process's resident memory, so without this a loaded model's RSS would be
+    its weights twice over (device copy + page-cache mapping). Read-only mapping: safe at any time."""
+    mm = getattr(array, "_mmap", None)
+    if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = array.ctypes.data - np.frombuffer(mm, np.uint8).ctypes.data
+    first = start // mmap.PAGESIZE * mmap.PAGESIZE
+    mm.madvise(mmap.MADV_DONTNEED, first, start + array.nbytes - first)
+
+
 def _set(tree: dict, key: str, value) -> None:
     """tree["a"]["b"][0]["c"] = value for key "a.b.0.c" (numeric parts become list slots)."""
     parts = key.split(".")
@@ -140,7 +154,8 @@ def load_params(path: str | Path, cfg: ModelConfig, dtype, put: Callable | None 
             if name in flat:
                 errors.append(f"{key!r} appears twice")
                 continue
-            flat[name] = put(name, array)
+            flat[name] = jax.block_until_ready(put(name, array))  # the copy is done: its pages may go
+            _drop_pages(array)
     errors += [f"missing checkpoint key for parameter {name!r}" for name in expected if name not in flat]
     if errors:
         shown = "\n  ".join(errors[:20]) + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else "")
