@@ -333,11 +333,14 @@ def worker_jax(args) -> dict:
 
     # warm second request: other prompt length and image size, same buckets -> no compile
     c0 = model.compile_count
-    t0 = time.perf_counter()
-    gen = sample_streaming(model, params, prepare_inputs(model, params, tok, *reqs["image2"]), cfg, rng)
-    next(gen)
-    res["ttft_warm_second_s"] = time.perf_counter() - t0
-    gen.close()
+    ttfts = []
+    for _ in range(args.repeat):  # compiles counted over all of them; the time is the best, as for transformers
+        t0 = time.perf_counter()
+        gen = sample_streaming(model, params, prepare_inputs(model, params, tok, *reqs["image2"]), cfg, rng)
+        next(gen)
+        ttfts.append(time.perf_counter() - t0)
+        gen.close()
+    res["ttft_warm_second_s"] = min(ttfts)
     res["compiles_warm_second"] = model.compile_count - c0
     log(f"[jax] warm second request: first token after {res['ttft_warm_second_s']:.2f} s, "
         f"{res['compiles_warm_second']} compiles")
@@ -631,8 +634,7 @@ def main() -> None:
     md = markdown(result)
     print(md)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = machine_slug(m) + ("" if args.model == "2b" else f"-{args.model}") + ("" if dtype == "float32" or
-                                                                                   m["backend"] != "cpu" else f"-{dtype}")
+    stem = machine_slug(m) + ("" if args.model == "2b" else f"-{args.model}") + f"-{dtype}"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (args.out / f"{stem}.md").write_text(md)
     log(f"wrote {args.out / stem}.json/.md in {result['wall_s']:.0f} s total; jax backend {jax.default_backend()}")

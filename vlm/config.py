@@ -126,8 +126,8 @@ def resolve_dtype(dtype: str | jnp.dtype | None, stored: str = "bfloat16") -> jn
     """Turn 'auto' / None / 'float32' / 'bfloat16' / a dtype into a jnp dtype. `auto` is the checkpoint's
     own dtype (`stored`, config.json's): bfloat16 for the Qwen3-VL releases, float32 for the tiny test
     model; any other stored dtype (float16) loads as bfloat16. On CPUs, too: with f32 accumulation
-    (ops.matmul_t) bf16 decodes a batch-1 token as fast as f32 and prefills and batches 1.7-2.8x faster
-    on a 2-core AVX-512-BF16 EPYC (benchmarks/), in half the memory."""
+    (ops.matmul_t) bf16 decodes a batch-1 token about as fast as f32 and prefills 1.6x and batches 2.5x
+    faster on a 2-core AVX-512-BF16 EPYC (benchmarks/), in half the memory."""
     if dtype is None or dtype == "auto":
         return jnp.float32 if stored == "float32" else jnp.bfloat16
     names = {"float32": jnp.float32, "f32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
