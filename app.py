@@ -50,7 +50,7 @@ TEMPERATURE_MAX, TOP_K_MAX, SEED_MAX = 2.0, 200, 2**32 - 1  # the controls' rang
 CHAT_CHARS_PER_PROMPT = 8  # the whole conversation may be 8x server.max_prompt_chars
 SESSION_IMAGES = 32  # sessions whose image is kept (in memory, at most ~3 MB each) for follow-up questions
 UPLOAD_MAX_AGE_S = 3600  # uploads no request ever used (a stop while queued, a closed tab) are swept after this
-# CPU backends cannot donate the KV cache buffer; jax warns on every compile, which is noise here.
+# If a backend cannot reuse a donated KV cache buffer, jax warns at every compile and copies instead: noise here.
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
 

@@ -306,15 +306,14 @@ def sample_streaming(model: M.Qwen3VL, params, inputs: VLMInputs, sampling_cfg: 
         token, logprob, cache = pending
 
 
-def _decode_in_chunks(model: M.Qwen3VL, params, cache, token, args, rows: int, should_stop: Callable[[], bool],
-                      mesh) -> tuple[list, bool]:
+def _decode_in_chunks(model: M.Qwen3VL, params, cache, token, args, cfg: SamplingConfig, rows: int,
+                      should_stop: Callable[[], bool], mesh) -> tuple[list, bool]:
     """sample()'s decode loop as one lax.scan chunk of STOP_CHUNK steps after another (one compiled chunk, the
     cache donated from each to the next). should_stop() is asked before each chunk; the loop also ends once
     every row has hit eos or max_new is reached. -> ([(tokens, logprobs) [B, STOP_CHUNK] per chunk], stopped)"""
     chunk = model.jit(_scan, donate_argnames="cache", static_argnames=("steps", "mesh"))
-    max_new, eos = int(args[-2]), args[-1]
-    done, parts, first = np.isin(np.asarray(token), eos), [], 0
-    while first + 1 < max_new and not done[:rows].all():
+    done, parts, first = np.isin(np.asarray(token), cfg.eos_id), [], 0
+    while first + 1 < cfg.max_new_tokens and not done[:rows].all():
         if should_stop():
             return parts, True
         cache, token, done, tokens, logprobs = chunk(params, cache, token, done, *args, np.int32(first),
@@ -343,7 +342,8 @@ def sample(model: M.Qwen3VL, params, inputs: VLMInputs, sampling_cfg: SamplingCo
         generate = model.jit(_generate, static_argnames=("steps", "mesh"))
         parts = [generate(params, cache, token, *args, steps=steps, mesh=mesh)]
     else:
-        parts, stopped = _decode_in_chunks(model, params, cache, token, args, inputs.num_rows, should_stop, mesh)
+        parts, stopped = _decode_in_chunks(model, params, cache, token, args, cfg, inputs.num_rows, should_stop,
+                                            mesh)
     tokens = np.concatenate([np.asarray(token)[:, None]] + [np.asarray(t) for t, _ in parts], axis=1)
     tokens = tokens[:, : cfg.max_new_tokens]
     logprobs = np.concatenate([np.asarray(logprob)[:, None]] + [np.asarray(lp) for _, lp in parts], axis=1)
