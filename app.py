@@ -34,7 +34,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from vlm.options import Options, dtype_arg, parse
+from vlm.options import Options, load_args, parse
 
 HERE = Path(__file__).resolve().parent
 STREAMING, BATCH = "Streaming", "Batch (scan)"
@@ -84,9 +84,7 @@ class Backend:
             log(f"backend: {jax.default_backend()} {jax.devices()}")
             log(f"loading {self.opts.model.name} …")
             t0 = time.perf_counter()
-            self.model, self.params, self.tokenizer = load_model(
-                self.opts.model.name, dtype=dtype_arg(self.opts), mesh=self.opts.model.mesh
-            )
+            self.model, self.params, self.tokenizer = load_model(self.opts.model.name, **load_args(self.opts))
             pre = self.model.preprocess
             self.preprocess = dataclasses.replace(pre, max_pixels=min(pre.max_pixels, self.opts.model.max_pixels))
             log(f"loaded in {time.perf_counter() - t0:.1f} s; images up to {self.preprocess.max_pixels} pixels")
@@ -114,7 +112,8 @@ class Backend:
                         break
                 updates.close()
             log(f"warm-up done in {time.perf_counter() - t0:.1f} s ({self.model.compile_count} compiles); ready")
-            self.status = f"**Ready**: {self.opts.model.name} on {jax.default_backend()}"
+            int8 = ", int8 weights" if self.model.quantize else ""
+            self.status = f"**Ready**: {self.opts.model.name} on {jax.default_backend()}{int8}"
         except Exception as e:  # shown on the page; the server keeps running and says why it cannot answer
             traceback.print_exc()
             self.error = " ".join(str(e).split())[:300] or type(e).__name__

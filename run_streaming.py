@@ -14,7 +14,7 @@ import sys
 import time
 import warnings
 
-from vlm.options import Options, dtype_arg, parse
+from vlm.options import Options, load_args, parse
 
 # CPU backends cannot donate the KV cache buffer; jax warns on every compile, which is noise here.
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
@@ -91,13 +91,14 @@ def setup(prog: str, opts: Options):
     log(f"backend: {jax.default_backend()} {jax.devices()}")
     t0 = time.perf_counter()
     try:
-        model, params, tokenizer = load_model(opts.model.name, dtype=dtype_arg(opts), mesh=opts.model.mesh)
+        model, params, tokenizer = load_model(opts.model.name, **load_args(opts))
     except Exception as e:  # hub errors, missing files, bad checkpoints: one line, not a traceback
         why = " ".join(str(e).split())[:400] or type(e).__name__
         offline = opts.model.name == "tiny" or os.path.isdir(opts.model.name)
         hint = "" if offline else " (no network? model.name=tiny runs offline)"
         raise SystemExit(fail(prog, f"could not load model {opts.model.name!r}: {why}{hint}")) from None
-    log(f"loaded {opts.model.name} in {time.perf_counter() - t0:.1f} s")
+    int8 = " (int8 weights)" if model.quantize else ""
+    log(f"loaded {opts.model.name}{int8} in {time.perf_counter() - t0:.1f} s")
     return cfg, model, params, tokenizer
 
 

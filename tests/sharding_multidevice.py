@@ -177,3 +177,10 @@ def test_mesh_settings_on_four_devices():
     assert dict(SH.make_mesh("2x1").shape) == {DATA: 2, MODEL: 1}  # a subset of the devices
     explicit = jax.make_mesh((2, 2), (DATA, MODEL))  # jax's default axis type is Explicit
     assert SH.make_mesh(explicit).axis_types == (jax.sharding.AxisType.Auto,) * 2
+
+
+def test_int8_refuses_a_mesh_and_runs_on_one_device(tiny_dir):
+    with pytest.raises(ValueError, match="quantize='int8' runs on one device; this mesh has 4"):
+        load_model(tiny_dir, quantize="int8")  # "auto": all four devices
+    model, params, _ = load_model(tiny_dir, quantize="int8", mesh="1x1")
+    assert params["language_model"]["embed_tokens"]["weight"].dtype == np.int8

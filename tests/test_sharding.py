@@ -34,7 +34,7 @@ def test_multidevice_suite_in_subprocess(tiny_dir):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     summary = proc.stdout.strip().splitlines()[-1]
-    assert "skipped" not in summary and "10 passed" in summary, summary  # a skip would hide everything
+    assert "skipped" not in summary and "11 passed" in summary, summary  # a skip would hide everything
 
 
 def test_single_device_default_is_plain_placement(tiny_dir, monkeypatch):

@@ -32,6 +32,7 @@ class Qwen3VL:
     preprocess: Any  # processing.PreprocessConfig
     generation: dict  # the checkpoint's generation_config.json
     source: str = ""
+    quantize: str | None = None  # "int8": the text decoder's weights are int8 (vlm/quantize.py)
     compile_count: int = 0  # jit traces so far (a trace is a compile)
     _jitted: dict = field(default_factory=dict, repr=False)
 
@@ -114,8 +115,8 @@ def decoder(params: Params, cfg: TextConfig, x, positions, mask, cache=None, wri
 
 def lm_head(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     """Logits in f32; a tied head reads the embedding table itself (no copy)."""
-    w = params["language_model"]["embed_tokens"]["weight"] if cfg.tie_word_embeddings else params["lm_head"]["weight"]
-    return matmul_t(h, w, out_dtype=jnp.float32)
+    head = params["language_model"]["embed_tokens"] if cfg.tie_word_embeddings else params["lm_head"]
+    return matmul_t(h, head["weight"], out_dtype=jnp.float32, scale=head.get("weight_scale"))
 
 
 def embed(params: Params, ids, vision_embeds=None, vision_index=None):
@@ -123,7 +124,10 @@ def embed(params: Params, ids, vision_embeds=None, vision_index=None):
 
     vision_embeds [Nv, D]; vision_index [B, T] row of vision_embeds for each image token, -1 elsewhere.
     """
-    x = params["language_model"]["embed_tokens"]["weight"][ids]  # [B, T, D]
+    table = params["language_model"]["embed_tokens"]
+    x = table["weight"][ids]  # [B, T, D]
+    if "weight_scale" in table:  # int8 table (vlm/quantize.py): one scale per token row
+        x = (x * table["weight_scale"][ids][..., None]).astype(params["language_model"]["norm"]["weight"].dtype)
     if vision_embeds is None:
         return x
     return jnp.where((vision_index >= 0)[..., None], vision_embeds[vision_index].astype(x.dtype), x)

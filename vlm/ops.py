@@ -10,24 +10,35 @@ import jax.numpy as jnp
 Params = dict
 
 
-def matmul_t(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+def matmul_t(x: jax.Array, w: jax.Array, out_dtype=None, scale: jax.Array | None = None) -> jax.Array:
     """x @ w.T over the last axis, [..., I] x [O, I] -> [..., O], accumulated in f32, cast to `out_dtype`
-    (default: x's dtype).
+    (default: x's dtype). An int8 `w` comes with its per-row `scale` (vlm/quantize.py).
 
-    Both details are for XLA:CPU's bf16 products: given a bf16 result it first converts the whole weight
-    matrix to f32, and a single row (batch-1 decode) runs in a naive loop ~10x slower than reading the
-    weights allows, whereas two rows take its fast matrix-matrix path, so one row is padded to two."""
+    One row (batch-1 decode) is padded to two for XLA:CPU's bf16 and int8 products: it runs a single
+    row in a naive loop ~10x slower than reading the weights allows, two rows on its fast path."""
     out_dtype = out_dtype or x.dtype
-    if math.prod(x.shape[:-1]) == 1 and w.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+    if math.prod(x.shape[:-1]) == 1 and w.dtype != jnp.float32 and jax.default_backend() == "cpu":
         two = jnp.concatenate([x.reshape(1, -1), jnp.zeros((1, x.shape[-1]), x.dtype)])  # [2, I]
-        y = jnp.einsum("ri,oi->ro", two, w, preferred_element_type=jnp.float32)[:1]
-        return y.reshape(*x.shape[:-1], -1).astype(out_dtype)
-    return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32).astype(out_dtype)
+        return _product(two, w, scale)[:1].reshape(*x.shape[:-1], -1).astype(out_dtype)
+    return _product(x, w, scale).astype(out_dtype)
+
+
+def _product(x: jax.Array, w: jax.Array, scale: jax.Array | None) -> jax.Array:
+    """x @ w.T in f32. With int8 weights each row of x goes to int8 too, with its own max-abs scale, and
+    the product runs int8 x int8 -> int32 (W8A8). A float result type for a bf16 product: given a bf16
+    one, XLA:CPU first converts the whole weight matrix to f32."""
+    if scale is None:
+        return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32)
+    x = x.astype(jnp.float32)
+    step = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127
+    step = jnp.where(step > 0, step, 1.0)  # an all-zero row (the padding row above) stays zero
+    xq = jnp.round(x / step).astype(jnp.int8)
+    return jnp.einsum("...i,oi->...o", xq, w, preferred_element_type=jnp.int32).astype(jnp.float32) * step * scale
 
 
 def linear(x: jax.Array, p: Params) -> jax.Array:
-    """x @ W.T (+ b) with W in Hugging Face layout [out, in]."""
-    y = matmul_t(x, p["weight"])
+    """x @ W.T (+ b) with W in Hugging Face layout [out, in] (int8 W: with its "weight_scale")."""
+    y = matmul_t(x, p["weight"], scale=p.get("weight_scale"))
     return y + p["bias"] if "bias" in p else y
 
 

@@ -38,6 +38,13 @@ def _opt(default: Any, help: str, check: tuple[Callable[[Any], bool], str] | Non
     return field(metadata={"help": help, "check": check, "env": env}, **kw)
 
 
+class Quantize(enum.StrEnum):
+    """Text decoder weights: as loaded (`none`) or int8 (vlm/quantize.py)."""
+
+    none = "none"
+    int8 = "int8"
+
+
 @dataclass
 class ModelOptions:
     name: str = _opt(
@@ -45,6 +52,11 @@ class ModelOptions:
         "hub id (e.g. Qwen/Qwen3-VL-4B-Instruct), local checkpoint dir, or 'tiny' (offline, random weights)",
     )
     dtype: Dtype = _opt(Dtype.auto, "parameter dtype: auto | float32 | bfloat16")
+    quantize: Quantize = _opt(
+        Quantize.none,
+        "int8: text decoder weights and activations in int8 (one device): ~1.5x faster decode on a CPU in "
+        "half the memory; answers close to, not the same as, the unquantized model's",
+    )
     max_pixels: int = _opt(
         1_048_576,
         "most pixels per image for the vision tower; larger images are downscaled, with a note "
@@ -126,7 +138,10 @@ def _fields(sections: Sequence[str]) -> dict[str, dataclasses.Field]:
 
 def _type_name(f: dataclasses.Field) -> str:
     t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    return {"Dtype": "auto|float32|bfloat16", "str | None": "str", "list[BatchItem]": "list"}.get(t, t)
+    kind = globals().get(t)
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        return "|".join(member.value for member in kind)
+    return {"str | None": "str", "list[BatchItem]": "list"}.get(t, t)
 
 
 def _env_name(key: str) -> str:
@@ -248,6 +263,7 @@ def parse(
         sys.exit(2)
 
 
-def dtype_arg(opts: Options) -> str | None:
-    """model.dtype as load_model's dtype argument (None = auto)."""
-    return None if opts.model.dtype is Dtype.auto else opts.model.dtype.value
+def load_args(opts: Options) -> dict[str, Any]:
+    """The model section as load_model's keyword arguments (after the name)."""
+    m = opts.model
+    return {"dtype": None if m.dtype is Dtype.auto else m.dtype.value, "mesh": m.mesh, "quantize": m.quantize.value}
