@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py                    # Qwen3-VL-2B-shaped random weights, default dtype
     python benchmarks/bench.py --dtype bfloat16   # JAX side in bf16 (transformers always runs f32 and bf16)
+    python benchmarks/bench.py --quantize int8    # JAX side with int8 text weights (vlm/quantize.py)
     python benchmarks/bench.py --quick            # tiny model, few tokens: a smoke test (well under a minute)
 
 The random 2B-shaped checkpoint (real Qwen3-VL-2B config, N(0, 0.02) weights, norms 1, bf16 safetensors,
@@ -296,10 +297,10 @@ def worker_jax(args) -> dict:
 
     res: dict = {"side": "jax"}
     t = time.perf_counter()
-    model, params, tok = load_model(args.ckpt, dtype=args.dtype)
+    model, params, tok = load_model(args.ckpt, dtype=args.dtype, quantize=args.quantize)
     jax.block_until_ready(params)
     res["load_s"] = time.perf_counter() - t
-    res["dtype"] = np.dtype(model.dtype).name
+    res["dtype"] = model.quantize or np.dtype(model.dtype).name  # int8: what a decode step reads
     res["weight_bytes"] = param_bytes(params)
     res["rss_after_load"] = peak_rss()
     log(f"[jax] loaded {res['weight_bytes'] / 2**30:.2f} GiB of {res['dtype']} weights in {res['load_s']:.1f} s")
@@ -519,7 +520,8 @@ def markdown(result: dict) -> str:
         f"**Machine:** {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; JAX {m['jax']} backend "
         f"`{m['backend']}` ({', '.join(sorted(set(m['devices'])))}); load average {m['load_avg_start'][0]:.1f} at start, "
         f"{result['load_avg_end'][0]:.1f} at end.  ",
-        f"**Model:** {cfg['model']} (random weights, {cfg['ckpt']}); {cfg['tokens']} new tokens per request, "
+        f"**Model:** {cfg['model']}{' with int8 text weights' if cfg.get('quantize') == 'int8' else ''} "
+        f"(random weights, {cfg['ckpt']}); {cfg['tokens']} new tokens per request, "
         f"sampling {cfg['sampling']}, eos disabled; best of {cfg['repeat']} warm runs.  ",
         f"**Bandwidth:** {bw['best'] / 1e9:.1f} GB/s (best of: " + ", ".join(
             f"{k} {v / 1e9:.1f}" for k, v in bw.items() if k != "best") + " GB/s) → limit "
@@ -558,7 +560,7 @@ def markdown(result: dict) -> str:
 def run_worker(side: str, dtype: str, args, ckpt: Path, inputs: Path, out: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--dtype", dtype, "--ckpt", str(ckpt),
            "--inputs", str(inputs), "--result", str(out), "--tokens", str(args.tokens), "--repeat", str(args.repeat),
-           "--batch", *map(str, args.batch)]
+           "--batch", *map(str, args.batch), "--quantize", args.quantize]
     subprocess.run(cmd, check=True)
     return json.loads(out.read_text())
 
@@ -569,6 +571,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true",
                    help="smoke test: tiny model, 8 tokens, batch 1 and 2, 1 repeat, transformers in f32 only")
     p.add_argument("--dtype", default="auto", help="JAX side: auto (the checkpoint's: bf16), float32, bfloat16")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="JAX side: int8 text weights and activations (load_model's quantize)")
     p.add_argument("--hf-dtypes", nargs="*", default=None,
                    help="transformers dtypes (default float32 bfloat16; --quick: float32; none given: skip)")
     p.add_argument("--reuse-hf", type=Path, default=None,
@@ -609,11 +613,13 @@ def main() -> None:
         info = export_inputs(ckpt, args.batch, work / "inputs.npz")
         bw = bandwidth(0.25 if args.quick else 2.0)
         log(f"bandwidth {bw['best'] / 1e9:.1f} GB/s")
-        per_token = {d: decode_bytes_per_token(ckpt, s) for d, s in (("float32", 4), ("bfloat16", 2))}
+        sizes = (("float32", 4), ("bfloat16", 2)) + ((("int8", 1),) if args.quantize == "int8" else ())
+        per_token = {d: decode_bytes_per_token(ckpt, s) for d, s in sizes}
         result = {
             "machine": m, "bandwidth": bw, "decode_bytes_per_token": per_token,
             "bandwidth_limit_tok_s": {d: bw["best"] / b for d, b in per_token.items()},
-            "config": {"model": args.model, "ckpt": str(ckpt), "dtype": dtype, "tokens": args.tokens,
+            "config": {"model": args.model, "ckpt": str(ckpt), "dtype": dtype, "quantize": args.quantize,
+                       "tokens": args.tokens,
                        "batch": args.batch, "repeat": args.repeat, "requests": info,
                        "sampling": "temperature 0.7, top-k 20, top-p 0.8 (the checkpoint's)"},
         }
@@ -634,7 +640,8 @@ def main() -> None:
     md = markdown(result)
     print(md)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = machine_slug(m) + ("" if args.model == "2b" else f"-{args.model}") + f"-{dtype}"
+    stem = (machine_slug(m) + ("" if args.model == "2b" else f"-{args.model}") + f"-{dtype}"
+            + ("-int8" if args.quantize == "int8" else ""))
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (args.out / f"{stem}.md").write_text(md)
     log(f"wrote {args.out / stem}.json/.md in {result['wall_s']:.0f} s total; jax backend {jax.default_backend()}")
