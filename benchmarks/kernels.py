@@ -6,7 +6,9 @@ Each row is one operation of a Qwen3-VL-2B decode step or prefill, run the way t
 (`vlm.ops.matmul_t`, `vlm.sampling.process_logits`) on 28 distinct weight matrices in a chain, so the
 weights stream from memory as in a real step instead of sitting in the CPU cache. "GB/s" is weight bytes
 read per second: against the machine's bandwidth (bench.py measures it) it says whether the kernel is
-bandwidth- or compute-bound.
+bandwidth- or compute-bound. int8 rows are `quantize="int8"`'s product (activations to int8 per row,
+int8 x int8 -> int32). A second table runs the same 28 weights as one stacked array under lax.scan, as
+a scan over stacked layers would.
 """
 
 from __future__ import annotations
@@ -37,21 +39,39 @@ def best_time(fn, *args, repeat: int = 7) -> float:
     return min(times)
 
 
-def chained_products(rows: int, out: int, inp: int, dtype) -> dict:
-    """`rows` x [inp] times 28 distinct [out, inp] weights, one after another (as the layers of a step)."""
+def _weights(out: int, inp: int, dtype, stacked: bool = False):
+    """28 random [out, inp] weights (int8: with per-row scales, as vlm/quantize.py stores them), as a list
+    of separate arrays (how the model holds its layers) or as one [28, out, inp] array."""
     key = jax.random.key(0)
-    weights = [jax.random.normal(jax.random.fold_in(key, i), (out, inp), dtype) * 0.02 for i in range(LAYERS)]
-    x = jnp.ones((rows, inp), dtype)
+    if dtype == jnp.int8:
+        ws = [(jax.random.randint(jax.random.fold_in(key, i), (out, inp), -127, 128, jnp.int32).astype(jnp.int8),
+               jnp.full((out,), 1e-3, jnp.float32)) for i in range(LAYERS)]
+    else:
+        ws = [(jax.random.normal(jax.random.fold_in(key, i), (out, inp), dtype) * 0.02, None) for i in range(LAYERS)]
+    return jax.tree.map(lambda *a: jnp.stack(a), *ws) if stacked else ws
+
+
+def chained_products(rows: int, out: int, inp: int, dtype, stacked: bool = False) -> dict:
+    """`rows` x [inp] times 28 distinct [out, inp] weights, one after another (as the layers of a step);
+    `stacked`: the weights as one array, looped over with lax.scan (a scan over stacked layers)."""
+    weights = _weights(out, inp, dtype, stacked)
+    x = jnp.ones((rows, inp), jnp.float32 if dtype == jnp.int8 else dtype)
 
     @jax.jit
     def chain(weights, x):
+        if stacked:
+            def body(acc, layer):
+                w, scale = layer
+                return acc + matmul_t(x, w, out_dtype=jnp.float32, scale=scale), None
+
+            return jax.lax.scan(body, jnp.zeros((rows, out), jnp.float32), weights)[0]
         acc = jnp.zeros((rows, out), jnp.float32)
-        for w in weights:
-            acc = acc + matmul_t(x, w, out_dtype=jnp.float32)
+        for w, scale in weights:
+            acc = acc + matmul_t(x, w, out_dtype=jnp.float32, scale=scale)
         return acc
 
     t = best_time(chain, weights, x)
-    nbytes = sum(w.nbytes for w in weights)
+    nbytes = sum(w.nbytes for w in jax.tree.leaves(weights))
     return {"ms": t / LAYERS * 1e3, "gb_s": nbytes / t / 1e9, "gflop_s": 2 * rows * out * inp * LAYERS / t / 1e9}
 
 
@@ -72,11 +92,19 @@ def main() -> None:
     shapes = [("gate/up_proj [6144, 2048]", 6144, 2048), ("down_proj [2048, 6144]", 2048, 6144),
               ("q/o_proj [2048, 2048]", 2048, 2048)]
     for name, out, inp in shapes:
-        for dtype in (jnp.float32, jnp.bfloat16):
+        for dtype in (jnp.float32, jnp.bfloat16, jnp.int8):
             for rows in (1, 8, 256):
                 r = chained_products(rows, out, inp, dtype)
                 print(f"| {name} | {jnp.dtype(dtype).name} | {rows} | {r['ms']:.2f} | {r['gb_s']:.1f} | "
                       f"{r['gflop_s']:.0f} |", flush=True)
+    print()
+    print("| gate/up_proj [6144, 2048] x 28, batch 1 | dtype | ms per matrix | weight GB/s |")
+    print("|---|---|---:|---:|")
+    for stacked in (False, True):
+        for dtype in (jnp.float32, jnp.bfloat16):
+            r = chained_products(1, 6144, 2048, dtype, stacked)
+            how = "one stacked array, lax.scan" if stacked else "separate arrays, unrolled (the model)"
+            print(f"| {how} | {jnp.dtype(dtype).name} | {r['ms']:.2f} | {r['gb_s']:.1f} |", flush=True)
     print()
     print("| sampling filter, 151,936 logits | rows | lax.top_k path (ms) | full sort (ms) |")
     print("|---|---:|---:|---:|")

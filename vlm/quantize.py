@@ -6,11 +6,12 @@ tied lm_head; an untied `lm_head` likewise) is stored as int8 with one f32 scale
 of activations into int8 with its own scale the same way and multiplies int8 x int8 -> int32 (W8A8,
 dynamic per-token). The vision tower, norms and KV cache stay in the model's dtype.
 
-Why: on a CPU, decoding one token reads every weight once, and XLA's int8 product streams ~1.6x more
-weights per second than its bf16 one, at half the bytes (benchmarks/kernels.py): batch-1 decode runs
-~1.5x faster than bf16 and the weights take half the memory (Qwen3-VL-8B: 8.8 GB instead of 17.5 GB).
-The price is accuracy: answers are close to the bf16 model's but not the same (rounding each
-activation row to 255 levels hurts most where a row has one huge outlier), so it is opt-in.
+Why: on a CPU, decoding one token reads every weight once, and XLA's int8 x int8 product gets through
+~1.6x more weights per second than its bf16 one (benchmarks/kernels.py): batch-1 decode runs ~1.5x
+faster than bf16, and the weights take about half the memory (Qwen3-VL-8B: 8.7 GiB instead of 16.3 GiB,
+so it fits a 16 GB machine). The price is accuracy: answers are close to the bf16 model's but not the
+same (rounding each activation row to 255 levels hurts most where a row has one huge outlier), so it is
+opt-in.
 """
 
 from __future__ import annotations
