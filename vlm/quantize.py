@@ -7,7 +7,7 @@ of activations into int8 with its own scale the same way and multiplies int8 x i
 dynamic per-token). The vision tower, norms and KV cache stay in the model's dtype.
 
 Why: on a CPU, decoding one token reads every weight once, and XLA's int8 x int8 product gets through
-~1.6x more weights per second than its bf16 one (benchmarks/kernels.py): batch-1 decode runs ~1.5x
+~1.6x more weights per second than its bf16 one (benchmarks/kernels.py): batch-1 decode runs ~1.6x
 faster than bf16, and the weights take about half the memory (Qwen3-VL-8B: 8.7 GiB instead of 16.3 GiB,
 so it fits a 16 GB machine). The price is accuracy: answers are close to the bf16 model's but not the
 same (rounding each activation row to 255 levels hurts most where a row has one huge outlier), so it is
