@@ -9,10 +9,9 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+from test_model_parity import _all_logits  # logits at every prompt position
 
 from vlm import SamplingConfig, load_model, prepare_inputs, sample, sample_streaming
-from vlm import model as M
-from vlm import sampling as S
 from vlm.quantize import quantize_rows
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -35,19 +34,6 @@ def test_quantize_rows_is_within_half_a_step():
     np.testing.assert_allclose(scale[9], 5.0 / 127)
 
 
-def _logits(model, params, inputs):
-    """Logits at every prompt position (vision tower + prefill + head)."""
-
-    def f(params, ids, positions, start, patches, taps, weights, rope_ids, segment, vision_index):
-        emb, ds = S.encode(params["visual"], model.cfg.vision, patches, taps, weights, rope_ids, segment)
-        h, _ = M.forward(params, model.cfg, ids, positions, start, emb, ds, vision_index)
-        return M.lm_head(params, model.cfg, h)
-
-    v = inputs.vision
-    return np.asarray(jax.jit(f)(params, inputs.prompt_tokens, inputs.positions, inputs.start, v.patches, v.pos_taps,
-                                 v.pos_weights, v.rope_ids, v.segment, inputs.vision_index))
-
-
 @pytest.mark.parametrize("tied", [False, True])
 def test_int8_logits_are_close_to_the_float_model(tiny_dir, tiny_tied_dir, tied):
     path = tiny_tied_dir if tied else tiny_dir
@@ -56,8 +42,8 @@ def test_int8_logits_are_close_to_the_float_model(tiny_dir, tiny_tied_dir, tied)
     assert model.quantize == "int8"
     inputs = prepare_inputs(ref_model, ref_params, tok, [_image(256, 288, 0)], ["Describe this image in detail."])
     start = inputs.start[0]
-    ref = _logits(ref_model, ref_params, inputs)[0, start:]
-    got = _logits(model, params, inputs)[0, start:]
+    ref = _all_logits(ref_model, ref_params, inputs)[0, start:]
+    got = _all_logits(model, params, inputs)[0, start:]
     rel = np.linalg.norm(got - ref, axis=-1) / np.linalg.norm(ref - ref.mean(-1, keepdims=True), axis=-1)
     # per position, the error against the logits' spread: a wrong scale or layout gives ~100%
     assert rel.mean() < 0.05 and rel.max() < 0.1, (rel.mean(), rel.max())
