@@ -16,7 +16,7 @@ import warnings
 
 from vlm.options import Options, load_args, parse
 
-# CPU backends cannot donate the KV cache buffer; jax warns on every compile, which is noise here.
+# If a backend cannot reuse a donated KV cache buffer, jax warns at every compile and copies instead: noise here.
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
 
