@@ -1,20 +1,14 @@
 """quantize="int8" (vlm/quantize.py): int8 text weights close to the float model, samplers still agree."""
 
-import os
-import pathlib
-import subprocess
-import sys
-
 import jax
 import numpy as np
 import pytest
 from PIL import Image
+from test_cli import PANDA, N, cli, library_answers  # the CLI run and the library's own answer
 from test_model_parity import _all_logits  # logits at every prompt position
 
 from vlm import SamplingConfig, load_model, prepare_inputs, sample, sample_streaming
 from vlm.quantize import quantize_rows
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _image(w, h, seed):
@@ -88,18 +82,8 @@ def test_bad_quantize_value_is_refused(tiny_dir):
 
 
 def test_cli_runs_int8_and_says_so(int8):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLM_") or k == "VLM_CACHE"}
-    out = subprocess.run([sys.executable, "run_streaming.py", "model.name=tiny", "model.quantize=int8",
-                          "inference.image=examples/imgs/panda_climbing.png", "inference.prompt=Describe this image",
-                          "sampling.temperature=0", "sampling.max_new_tokens=8"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
+    out = cli("run_streaming.py", "model.name=tiny", "model.quantize=int8", f"inference.image={PANDA}",
+              "inference.prompt=Describe this image", "sampling.temperature=0", f"sampling.max_new_tokens={N}")
     assert out.returncode == 0, out.stderr
     assert "(int8 weights)" in out.stderr
-    model, params, tok = int8
-    from vlm.processing import load_image
-
-    inputs = prepare_inputs(model, params, tok, [load_image(ROOT / "examples/imgs/panda_climbing.png")],
-                            ["Describe this image"])
-    expected = sample(model, params, inputs, SamplingConfig(temperature=0, max_new_tokens=8), jax.random.key(0),
-                      tokenizer=tok).texts[0]
-    assert out.stdout == expected + "\n"
+    assert out.stdout == library_answers(int8, [(PANDA, "Describe this image")], 0.0, 0)[0] + "\n"
