@@ -1,18 +1,20 @@
-"""Why decode and prefill run at the speed they do: XLA's kernels on this machine, one at a time.
+"""Why decode and prefill run at the speed they do: the products on this machine, one at a time.
 
-    python benchmarks/kernels.py          # about a minute; prints one Markdown table
+    python benchmarks/kernels.py          # about two minutes; prints Markdown tables
 
 Each row is one operation of a Qwen3-VL-2B decode step or prefill, run the way the model runs it
 (`vlm.ops.matmul_t`, `vlm.sampling.process_logits`) on 28 distinct weight matrices in a chain, so the
-weights stream from memory as in a real step instead of sitting in the CPU cache. "GB/s" is weight bytes
-read per second: against the machine's bandwidth (bench.py measures it) it says whether the kernel is
-bandwidth- or compute-bound. int8 rows are `quantize="int8"`'s product (activations to int8 per row,
-int8 x int8 -> int32). A second table runs the same 28 weights as one stacked array under lax.scan, as
-a scan over stacked layers would.
+weights stream from memory as in a real step instead of sitting in the CPU cache. Products of a few
+bf16 or int8 rows run twice: on XLA's product and on vlm/cpu_matvec.cc (what decode uses on a CPU).
+"GB/s" is weight bytes read per second: against the machine's bandwidth (bench.py measures it) it says
+whether a product is bandwidth- or compute-bound. int8 rows are `quantize="int8"`'s product
+(activations to int8 per row, int8 x int8 -> int32). A second table runs the same 28 weights as one
+stacked array under lax.scan (XLA's product), as a scan over stacked layers would.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from vlm import cpu_matvec  # noqa: E402
 from vlm.ops import matmul_t  # noqa: E402
 from vlm.sampling import process_logits  # noqa: E402
 
@@ -51,9 +54,11 @@ def _weights(out: int, inp: int, dtype, stacked: bool = False):
     return jax.tree.map(lambda *a: jnp.stack(a), *ws) if stacked else ws
 
 
-def chained_products(rows: int, out: int, inp: int, dtype, stacked: bool = False) -> dict:
+def chained_products(rows: int, out: int, inp: int, dtype, stacked: bool = False, kernel: bool = False) -> dict:
     """`rows` x [inp] times 28 distinct [out, inp] weights, one after another (as the layers of a step);
-    `stacked`: the weights as one array, looped over with lax.scan (a scan over stacked layers)."""
+    `stacked`: the weights as one array, looped over with lax.scan (a scan over stacked layers);
+    `kernel`: vlm/cpu_matvec.cc where matmul_t would use it, else XLA's product."""
+    os.environ["VLM_CPU_KERNELS"] = "1" if kernel else "0"  # read when `chain` is traced
     weights = _weights(out, inp, dtype, stacked)
     x = jnp.ones((rows, inp), jnp.float32 if dtype == jnp.int8 else dtype)
 
@@ -87,16 +92,19 @@ def sampling_filters(rows: int) -> dict:
 def main() -> None:
     print(f"JAX {jax.__version__}, backend {jax.default_backend()}, {jax.devices()[0].device_kind}")
     print()
-    print("| product (x 28 distinct weights) | dtype | rows | ms per matrix | weight GB/s | GFLOP/s |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| product (x 28 distinct weights) | dtype | rows | by | ms per matrix | weight GB/s | GFLOP/s |")
+    print("|---|---|---:|---|---:|---:|---:|")
     shapes = [("gate/up_proj [6144, 2048]", 6144, 2048), ("down_proj [2048, 6144]", 2048, 6144),
               ("q/o_proj [2048, 2048]", 2048, 2048)]
     for name, out, inp in shapes:
         for dtype in (jnp.float32, jnp.bfloat16, jnp.int8):
             for rows in (1, 8, 256):
-                r = chained_products(rows, out, inp, dtype)
-                print(f"| {name} | {jnp.dtype(dtype).name} | {rows} | {r['ms']:.2f} | {r['gb_s']:.1f} | "
-                      f"{r['gflop_s']:.0f} |", flush=True)
+                kernel = dtype != jnp.float32 and rows <= cpu_matvec.MAX_ROWS and jax.default_backend() == "cpu"
+                for by_kernel in (False, True) if kernel else (False,):
+                    r = chained_products(rows, out, inp, dtype, kernel=by_kernel)
+                    by = "vlm kernel" if by_kernel else "XLA"
+                    print(f"| {name} | {jnp.dtype(dtype).name} | {rows} | {by} | {r['ms']:.2f} | {r['gb_s']:.1f} | "
+                          f"{r['gflop_s']:.0f} |", flush=True)
     print()
     print("| gate/up_proj [6144, 2048] x 28, batch 1 | dtype | ms per matrix | weight GB/s |")
     print("|---|---|---:|---:|")

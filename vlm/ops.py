@@ -7,6 +7,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from . import cpu_matvec
+
 Params = dict
 
 
@@ -14,26 +16,36 @@ def matmul_t(x: jax.Array, w: jax.Array, out_dtype=None, scale: jax.Array | None
     """x @ w.T over the last axis, [..., I] x [O, I] -> [..., O], accumulated in f32, cast to `out_dtype`
     (default: x's dtype). An int8 `w` comes with its per-row `scale` (vlm/quantize.py).
 
-    One row (batch-1 decode) is padded to two for XLA:CPU's bf16 and int8 products: it runs a single
-    row in a naive loop ~10x slower than reading the weights allows, two rows on its fast path."""
+    On a CPU, decode steps (<= 16 rows) with bf16 or int8 weights run on vlm/cpu_matvec.cc, which reads
+    the weights at memory speed; XLA's own products of a few rows are compute-bound at under half of it.
+    Otherwise one row is padded to two for XLA:CPU's bf16 and int8 products: it runs a single row in a
+    naive loop ~10x slower than its two-row path."""
     out_dtype = out_dtype or x.dtype
+    if cpu_matvec.applies(x, w):
+        return _product(x, w, scale, cpu_matvec.matmul_t).astype(out_dtype)
     if math.prod(x.shape[:-1]) == 1 and w.dtype != jnp.float32 and jax.default_backend() == "cpu":
         two = jnp.concatenate([x.reshape(1, -1), jnp.zeros((1, x.shape[-1]), x.dtype)])  # [2, I]
         return _product(two, w, scale)[:1].reshape(*x.shape[:-1], -1).astype(out_dtype)
     return _product(x, w, scale).astype(out_dtype)
 
 
-def _product(x: jax.Array, w: jax.Array, scale: jax.Array | None) -> jax.Array:
+def _xla_product(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x @ w.T: float -> f32 (for bf16, given a bf16 result type XLA:CPU first converts the whole weight
+    matrix to f32), int8 -> int32."""
+    acc = jnp.int32 if w.dtype == jnp.int8 else jnp.float32
+    return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=acc)
+
+
+def _product(x: jax.Array, w: jax.Array, scale: jax.Array | None, dot=_xla_product) -> jax.Array:
     """x @ w.T in f32. With int8 weights each row of x goes to int8 too, with its own max-abs scale, and
-    the product runs int8 x int8 -> int32 (W8A8). A float result type for a bf16 product: given a bf16
-    one, XLA:CPU first converts the whole weight matrix to f32."""
+    the product runs int8 x int8 -> int32 (W8A8)."""
     if scale is None:
-        return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32)
+        return dot(x, w)
     x = x.astype(jnp.float32)
     step = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127
     step = jnp.where(step > 0, step, 1.0)  # an all-zero row (the padding row above) stays zero
     xq = jnp.round(x / step).astype(jnp.int8)
-    return jnp.einsum("...i,oi->...o", xq, w, preferred_element_type=jnp.int32).astype(jnp.float32) * step * scale
+    return dot(xq, w).astype(jnp.float32) * step * scale
 
 
 def linear(x: jax.Array, p: Params) -> jax.Array:

@@ -1,0 +1,154 @@
+"""The CPU decode kernel (vlm/cpu_matvec.cc): built here, the exact product of its bf16 inputs, the same
+per row whatever the batch, used by a bf16 decode step (and only where it applies), samplers still agree."""
+
+import ctypes
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlm import SamplingConfig, cpu_matvec, load_model, prepare_inputs, sample, sample_streaming
+from vlm import model as M
+from vlm import sampling as S
+from vlm.ops import matmul_t
+
+
+def _bf16(rng, *shape):
+    return jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+
+
+def _product(x, w, out_dtype=jnp.float32):
+    return jax.jit(lambda x, w: matmul_t(x, w, out_dtype=out_dtype))(x, w)
+
+
+def _uses_kernel(fn, *args) -> bool:
+    return "vlm_cpu_matvec_bf16" in jax.jit(fn).lower(*args).as_text()
+
+
+@pytest.mark.parametrize("rows,k,n", [(1, 2048, 300), (3, 70, 13), (16, 96, 37), (5, 31, 5), (1, 6144, 8)])
+def test_kernel_is_the_f32_product_of_its_bf16_inputs(rows, k, n):
+    rng = np.random.default_rng(rows * k + n)
+    x, w = _bf16(rng, rows, k), _bf16(rng, n, k)
+    assert _uses_kernel(lambda x, w: matmul_t(x, w), x, w), "the kernel should build and run on this machine"
+    got = np.asarray(_product(x, w))
+    exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T  # bf16 products are exact in f32
+    assert np.abs(got - exact).max() <= 1e-6 * np.abs(exact).max() * np.sqrt(k)  # f32 accumulation only
+    xla = x.astype(jnp.float32) @ w.astype(jnp.float32).T
+    np.testing.assert_allclose(got, np.asarray(xla), rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+
+
+@pytest.mark.parametrize("rows,k,n", [(1, 2048, 300), (4, 70, 13), (16, 33, 9)])
+def test_int8_kernel_is_xlas_int32_product_exactly(rows, k, n):
+    rng = np.random.default_rng(k)
+    x = jnp.asarray(rng.integers(-127, 128, (rows, k)), jnp.int8)
+    w = jnp.asarray(rng.integers(-127, 128, (n, k)), jnp.int8)
+    got = jax.jit(cpu_matvec.matmul_t)(x, w)
+    assert got.dtype == jnp.int32
+    assert np.array_equal(np.asarray(got), np.asarray(x, np.int64) @ np.asarray(w, np.int64).T)
+
+
+def test_portable_build_agrees_with_the_native_one():
+    """The plain vector code that CPUs without AVX-512 BF16/VNNI get, built here for a baseline CPU."""
+    march = {"x86_64": "x86-64-v2", "aarch64": "armv8-a"}.get(platform.machine())
+    if march is None:
+        pytest.skip(f"no baseline -march known for {platform.machine()}")
+    cpu_matvec.register(ctypes.cdll.LoadLibrary(str(cpu_matvec._build(march))), prefix="portable_")
+    rng = np.random.default_rng(2)
+    for dtype, target in [(jnp.bfloat16, "vlm_cpu_matvec_bf16"), (jnp.int8, "vlm_cpu_matvec_int8")]:
+        x = jnp.asarray(rng.integers(-100, 100, (5, 333)), dtype)
+        w = jnp.asarray(rng.integers(-100, 100, (21, 333)), dtype)
+        native = np.asarray(jax.jit(cpu_matvec.matmul_t)(x, w))
+        out = jax.ShapeDtypeStruct(native.shape, native.dtype)
+        portable = np.asarray(jax.jit(jax.ffi.ffi_call("portable_" + target, out))(x, w))
+        assert np.array_equal(portable, native), dtype  # small integers: every partial sum is exact
+
+
+def test_a_rows_result_does_not_depend_on_the_batch():
+    rng = np.random.default_rng(0)
+    x, w = _bf16(rng, 16, 512), _bf16(rng, 99, 512)
+    batch = np.asarray(_product(x, w))
+    for r in (0, 5, 15):
+        assert np.array_equal(np.asarray(_product(x[r : r + 1], w))[0], batch[r]), f"row {r}"
+    assert np.array_equal(np.asarray(_product(x[3:10], w)), batch[3:10])
+
+
+def test_only_small_bf16_products_on_one_cpu_use_it(monkeypatch):
+    rng = np.random.default_rng(1)
+    w = _bf16(rng, 64, 128)
+    mm = lambda x, w: matmul_t(x, w)  # noqa: E731
+    assert _uses_kernel(mm, _bf16(rng, 2, 3, 128), w)  # [B, T, K] activations: 6 rows
+    assert not _uses_kernel(mm, _bf16(rng, cpu_matvec.MAX_ROWS + 1, 128), w)  # prefill-sized: XLA's GEMM
+    assert not _uses_kernel(mm, jnp.ones((1, 128)), w.astype(jnp.float32))  # f32: XLA is at bandwidth
+    monkeypatch.setenv("VLM_CPU_KERNELS", "0")
+    jax.clear_caches()  # the choice is made while tracing
+    assert not _uses_kernel(mm, _bf16(rng, 1, 128), w)
+    jax.clear_caches()
+
+
+@pytest.fixture(scope="module")
+def bf16(tiny_dir):
+    return load_model(tiny_dir, dtype="bfloat16")
+
+
+def _image(w, h, seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def test_bf16_decode_step_runs_on_the_kernel_and_matches_xla(bf16, monkeypatch):
+    model, params, tok = bf16
+    inputs = prepare_inputs(model, params, tok, [_image(224, 256, 0)], ["Describe this image."])
+    cfg = S.SamplingConfig(temperature=0, max_new_tokens=4).resolved(model)
+    token, _, cache = S._start(model, params, inputs, cfg, jax.random.key(0))
+    slot = inputs.prompt_tokens.shape[1]
+
+    def step(params, token, cache):
+        return M.decode(params, model.cfg, token, inputs.next_position, inputs.start, slot, cache)[0]
+
+    assert _uses_kernel(step, params, token, cache)
+    ours = np.asarray(jax.jit(step)(params, token, cache))
+    monkeypatch.setenv("VLM_CPU_KERNELS", "0")
+    jax.clear_caches()  # the choice is made while tracing
+    assert not _uses_kernel(step, params, token, cache)
+    xla = np.asarray(jax.jit(step)(params, token, cache))
+    assert np.abs(ours - xla).max() < 0.02 * (xla.max() - xla.min())  # bf16 rounding between layers
+    assert np.argmax(ours) == np.argmax(xla)
+    jax.clear_caches()
+
+
+def test_bf16_streaming_equals_scan_and_rows_equal_rows_alone(bf16):
+    model, params, tok = bf16
+    images, prompts = [_image(256, 300, 1), None, _image(200, 240, 2)], ["Tell me a story.", "Hi!", "What is it?"]
+    sampled = SamplingConfig(temperature=0.9, top_k=40, top_p=0.85, max_new_tokens=32)
+    greedy = SamplingConfig(temperature=0, max_new_tokens=24)
+    batch = sample(model, params, prepare_inputs(model, params, tok, images, prompts), greedy, jax.random.key(0))
+    for i in range(len(prompts)):
+        alone = prepare_inputs(model, params, tok, [images[i]], [prompts[i]])
+        streamed = [t for t, _, _ in sample_streaming(model, params, alone, sampled, jax.random.key(i), tokenizer=tok)]
+        assert streamed == sample(model, params, alone, sampled, jax.random.key(i)).tokens[0], f"row {i}"
+        assert batch.tokens[i] == sample(model, params, alone, greedy, jax.random.key(0)).tokens[0], f"row {i}"
+
+
+def test_without_a_compiler_it_warns_once_and_uses_xla(tmp_path):
+    code = """
+import warnings, jax, jax.numpy as jnp
+from vlm.ops import matmul_t
+x, w = jnp.ones((1, 64), jnp.bfloat16), jnp.ones((8, 64), jnp.bfloat16)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    hlo = jax.jit(matmul_t).lower(x, w).as_text()
+    y = jax.jit(matmul_t)(x, w)
+    matmul_t(x, w)
+print(len(caught), caught[0].message if caught else "", "custom_call" in hlo, float(y[0, 0]))
+"""
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-c++"), "VLM_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent).stdout
+    assert out.startswith("1 vlm: could not build the CPU decode kernel (")
+    assert out.rstrip().endswith("False 64.0")
