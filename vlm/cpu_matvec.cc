@@ -32,8 +32,10 @@ namespace {
 constexpr int kRowTile = 4;  // rows of x sharing each weight load
 constexpr int kColTile = 4;  // rows of w sharing each x load
 
+constexpr int64_t kAlign = 32;  // K must be a multiple (Qwen3-VL's are; vlm/cpu_matvec.py checks)
+
 // Each Op multiplies one element type: In (x and w), Out (y), a vector accumulator Acc that takes
-// `kStep` elements of k per madd, `load` (zeros past `left` elements), and `total` (a fixed-order sum).
+// `kStep` elements of k (a divisor of kAlign) per madd, and `total` (a fixed-order sum).
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 
 struct Bf16 {  // 32 bf16 pairs into 16 f32 lanes (vdpbf16ps)
@@ -43,10 +45,7 @@ struct Bf16 {  // 32 bf16 pairs into 16 f32 lanes (vdpbf16ps)
   using Vec = __m512bh;
   static constexpr int kStep = 32;
   static Acc zero() { return _mm512_setzero_ps(); }
-  static Vec load(const In* p, int64_t left) {
-    const __mmask32 m = left >= 32 ? ~__mmask32{0} : (__mmask32{1} << left) - 1;
-    return (Vec)_mm512_maskz_loadu_epi16(m, p);
-  }
+  static Vec load(const In* p) { return (Vec)_mm512_loadu_si512(p); }
   static Acc madd(Acc acc, Vec w, Vec x) { return _mm512_dpbf16_ps(acc, w, x); }
   static Out total(Acc acc) { return _mm512_reduce_add_ps(acc); }
 };
@@ -58,10 +57,7 @@ struct Int8 {  // 32 int8 widened to int16, pairs into 16 int32 lanes (vpdpwssd)
   using Vec = __m512i;
   static constexpr int kStep = 32;
   static Acc zero() { return _mm512_setzero_si512(); }
-  static Vec load(const In* p, int64_t left) {
-    const __mmask32 m = left >= 32 ? ~__mmask32{0} : (__mmask32{1} << left) - 1;
-    return _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, p));
-  }
+  static Vec load(const In* p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)p)); }
   static Acc madd(Acc acc, Vec w, Vec x) { return _mm512_dpwssd_epi32(acc, w, x); }
   static Out total(Acc acc) { return _mm512_reduce_add_epi32(acc); }
 };
@@ -76,10 +72,10 @@ struct Portable {  // 16 elements widened to 16 lanes of Out_; bf16 -> f32 is a 
   using Vec = Acc;
   static constexpr int kStep = 16;
   static Acc zero() { return Acc{}; }
-  static Vec load(const In* p, int64_t left) {
+  static Vec load(const In* p) {
     typedef In Narrow __attribute__((vector_size(16 * sizeof(In))));
-    Narrow n{};
-    std::memcpy(&n, p, sizeof(In) * std::min<int64_t>(16, left));
+    Narrow n;
+    std::memcpy(&n, p, sizeof n);
     const Wide wide = __builtin_convertvector(n, Wide);
     if constexpr (sizeof(In) == 2) {  // bf16 bits -> f32 bits
       const Wide bits = wide << 16;
@@ -105,7 +101,7 @@ using Int8 = Portable<int8_t, int32_t, i32x16>;
 #endif
 
 // y[r, i] for RB rows of x and NB rows of w: each weight vector is loaded once for RB rows and each x
-// vector once for NB weight rows; one accumulator per (r, i).
+// vector once for NB weight rows; one accumulator per (r, i). K is a multiple of kAlign.
 template <typename Op, int RB, int NB>
 void tile(const typename Op::In* x, const typename Op::In* w, typename Op::Out* y, int64_t K, int64_t N) {
   typename Op::Acc acc[RB][NB];
@@ -113,9 +109,9 @@ void tile(const typename Op::In* x, const typename Op::In* w, typename Op::Out* 
     for (int i = 0; i < NB; ++i) acc[r][i] = Op::zero();
   for (int64_t k = 0; k < K; k += Op::kStep) {
     typename Op::Vec wv[NB];
-    for (int i = 0; i < NB; ++i) wv[i] = Op::load(w + i * K + k, K - k);
+    for (int i = 0; i < NB; ++i) wv[i] = Op::load(w + i * K + k);
     for (int r = 0; r < RB; ++r) {
-      const typename Op::Vec xv = Op::load(x + r * K + k, K - k);
+      const typename Op::Vec xv = Op::load(x + r * K + k);
       for (int i = 0; i < NB; ++i) acc[r][i] = Op::madd(acc[r][i], wv[i], xv);
     }
   }
@@ -162,8 +158,8 @@ struct Work {
 template <typename Op, ffi::DataType In, ffi::DataType Out>
 ffi::Error Matvec(ffi::ThreadPool pool, ffi::Buffer<In> x, ffi::Buffer<In> w, ffi::ResultBuffer<Out> y) {
   const auto wd = w.dimensions();
-  if (wd.size() != 2 || x.element_count() % wd[1] != 0)
-    return ffi::Error::InvalidArgument("cpu_matvec: expected x [R, K] and w [N, K]");
+  if (wd.size() != 2 || wd[1] % kAlign != 0 || x.element_count() % wd[1] != 0)
+    return ffi::Error::InvalidArgument("cpu_matvec: expected x [R, K] and w [N, K] with K a multiple of 32");
   auto work = std::make_shared<Work<Op>>();
   work->x = reinterpret_cast<const typename Op::In*>(x.untyped_data());
   work->w = reinterpret_cast<const typename Op::In*>(w.untyped_data());

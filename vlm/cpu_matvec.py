@@ -44,11 +44,12 @@ def enabled() -> bool:
 
 def applies(x: jax.Array, w: jax.Array) -> bool:
     """Whether `vlm.ops.matmul_t(x, w)` runs on the kernel: bf16 x and w, or int8 w (x then goes to int8
-    per row, vlm/quantize.py); at most MAX_ROWS rows; one CPU device; not disabled; built. Decided while
+    per row, vlm/quantize.py); at most MAX_ROWS rows; a multiple of 32 columns (all
+    of Qwen3-VL's); one CPU device; not disabled; built. Decided while
     tracing, so it costs nothing at run time."""
     rows = x.size // x.shape[-1]
     kinds = w.dtype == jnp.int8 or x.dtype == w.dtype == jnp.bfloat16
-    return (kinds and w.ndim == 2 and rows <= MAX_ROWS and jax.default_backend() == "cpu"
+    return (kinds and w.ndim == 2 and w.shape[1] % 32 == 0 and rows <= MAX_ROWS and jax.default_backend() == "cpu"
             and jax.device_count() == 1 and enabled() and _load())
 
 
