@@ -291,8 +291,9 @@ def peak_rss() -> int:
 
 def worker_jax(args) -> dict:
     import jax
+    import jax.numpy as jnp
 
-    from vlm import SamplingConfig, load_model, prepare_inputs, sample, sample_streaming
+    from vlm import SamplingConfig, cpu_matvec, load_model, prepare_inputs, sample, sample_streaming
     from vlm.weights import param_bytes
 
     res: dict = {"side": "jax"}
@@ -302,6 +303,9 @@ def worker_jax(args) -> dict:
     res["load_s"] = time.perf_counter() - t
     res["dtype"] = model.quantize or np.dtype(model.dtype).name  # int8: what a decode step reads
     res["weight_bytes"] = param_bytes(params)
+    res["decode_products"] = "vlm/cpu_matvec.cc" if cpu_matvec.applies(
+        jnp.zeros((1, 32), model.dtype), jnp.zeros((8, 32), jnp.int8 if args.quantize == "int8" else model.dtype)
+    ) else "XLA"
     res["rss_after_load"] = peak_rss()
     log(f"[jax] loaded {res['weight_bytes'] / 2**30:.2f} GiB of {res['dtype']} weights in {res['load_s']:.1f} s")
     n = args.tokens
@@ -522,7 +526,8 @@ def markdown(result: dict) -> str:
         f"{result['load_avg_end'][0]:.1f} at end.  ",
         f"**Model:** {cfg['model']}{' with int8 text weights' if cfg.get('quantize') == 'int8' else ''} "
         f"(random weights, {cfg['ckpt']}); {cfg['tokens']} new tokens per request, "
-        f"sampling {cfg['sampling']}, eos disabled; best of {cfg['repeat']} warm runs.  ",
+        f"sampling {cfg['sampling']}, eos disabled; best of {cfg['repeat']} warm runs; decode products on "
+        f"{ours.get('decode_products', 'XLA')}.  ",
         f"**Bandwidth:** {bw['best'] / 1e9:.1f} GB/s (best of: " + ", ".join(
             f"{k} {v / 1e9:.1f}" for k, v in bw.items() if k != "best") + " GB/s) → limit "
         + ", ".join(f"{v:.2f} tok/s in {d} ({result['decode_bytes_per_token'][d] / 1e9:.2f} GB/token)"

@@ -110,6 +110,7 @@ void tile(const typename Op::In* x, const typename Op::In* w, typename Op::Out* 
   for (int64_t k = 0; k < K; k += Op::kStep) {
     typename Op::Vec wv[NB];
     for (int i = 0; i < NB; ++i) wv[i] = Op::load(w + i * K + k);
+    for (int i = 0; i < NB; ++i) __builtin_prefetch(w + (NB + i) * K + k);  // the next tile's rows
     for (int r = 0; r < RB; ++r) {
       const typename Op::Vec xv = Op::load(x + r * K + k);
       for (int i = 0; i < NB; ++i) acc[r][i] = Op::madd(acc[r][i], wv[i], xv);
