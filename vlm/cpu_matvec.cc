@@ -120,21 +120,26 @@ void tile(const typename Op::In* x, const typename Op::In* w, typename Op::Out* 
     for (int i = 0; i < NB; ++i) y[r * N + i] = Op::total(acc[r][i]);
 }
 
+// tile<Op, rb, nb> for rb <= RB, nb <= NB known only at run time (the edges of the matrices).
+template <typename Op, int RB, int NB>
+void any_tile(int64_t rb, int64_t nb, const typename Op::In* x, const typename Op::In* w, typename Op::Out* y,
+              int64_t K, int64_t N) {
+  if constexpr (RB > 1)
+    if (rb < RB) return any_tile<Op, RB - 1, NB>(rb, nb, x, w, y, K, N);
+  if constexpr (NB > 1)
+    if (nb < NB) return any_tile<Op, RB, NB - 1>(rb, nb, x, w, y, K, N);
+  tile<Op, RB, NB>(x, w, y, K, N);
+}
+
 // y[:, n0:n1] for all R rows, in kRowTile x kColTile tiles (smaller at the edges).
 template <typename Op>
 void columns(const typename Op::In* x, const typename Op::In* w, typename Op::Out* y, int64_t R, int64_t K,
              int64_t N, int64_t n0, int64_t n1) {
-  using Tile = void (*)(const typename Op::In*, const typename Op::In*, typename Op::Out*, int64_t, int64_t);
-  static constexpr Tile kTiles[kRowTile][kColTile] = {
-      {tile<Op, 1, 1>, tile<Op, 1, 2>, tile<Op, 1, 3>, tile<Op, 1, 4>},
-      {tile<Op, 2, 1>, tile<Op, 2, 2>, tile<Op, 2, 3>, tile<Op, 2, 4>},
-      {tile<Op, 3, 1>, tile<Op, 3, 2>, tile<Op, 3, 3>, tile<Op, 3, 4>},
-      {tile<Op, 4, 1>, tile<Op, 4, 2>, tile<Op, 4, 3>, tile<Op, 4, 4>}};
   for (int64_t n = n0; n < n1; n += kColTile) {
     const int64_t nb = std::min<int64_t>(kColTile, n1 - n);
     for (int64_t r = 0; r < R; r += kRowTile) {
       const int64_t rb = std::min<int64_t>(kRowTile, R - r);
-      kTiles[rb - 1][nb - 1](x + r * K, w + n * K, y + r * N + n, K, N);
+      any_tile<Op, kRowTile, kColTile>(rb, nb, x + r * K, w + n * K, y + r * N + n, K, N);
     }
   }
 }
