@@ -1,6 +1,6 @@
 """Why decode and prefill run at the speed they do: the products on this machine, one at a time.
 
-    python benchmarks/kernels.py          # about two minutes; prints Markdown tables
+    python benchmarks/kernels.py          # about four minutes; prints Markdown tables
 
 Each row is one operation of a Qwen3-VL-2B decode step or prefill, run the way the model runs it
 (`vlm.ops.matmul_t`, `vlm.sampling.process_logits`) on 28 distinct weight matrices in a chain, so the

@@ -17,13 +17,13 @@ compiler, or with VLM_CPU_KERNELS=0, everything runs on XLA's products (a one-li
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -59,15 +59,27 @@ def matmul_t(x: jax.Array, w: jax.Array) -> jax.Array:
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]), out))(x, w)
 
 
-@functools.cache
+_lock = threading.Lock()
+_loaded: bool | None = None
+
+
 def _load() -> bool:
-    """Build (once per source, compiler, jaxlib and CPU) and register the kernels; False if it cannot be."""
+    """Build (once per source, compiler, jaxlib and CPU) and register the kernels; False if it cannot be.
+    Locked: the app's warm-up and a first request may trace at the same time."""
+    global _loaded
+    with _lock:
+        if _loaded is None:
+            _loaded = _build_and_register()
+        return _loaded
+
+
+def _build_and_register() -> bool:
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", None) or str(e)
         warnings.warn(f"vlm: could not build the CPU decode kernel ({detail.strip().splitlines()[-1]}); "
-                      "decoding uses XLA's products, about half as fast", stacklevel=2)
+                      "decoding uses XLA's products, about half as fast", stacklevel=3)
         return False
     register(lib)
     return True

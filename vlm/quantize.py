@@ -6,12 +6,13 @@ tied lm_head; an untied `lm_head` likewise) is stored as int8 with one f32 scale
 of activations into int8 with its own scale the same way and multiplies int8 x int8 -> int32 (W8A8,
 dynamic per-token). The vision tower, norms and KV cache stay in the model's dtype.
 
-Why: on a CPU, decoding one token reads every weight once, and XLA's int8 x int8 product gets through
-~1.6x more weights per second than its bf16 one (benchmarks/kernels.py): batch-1 decode runs ~1.6x
-faster than bf16, and the weights take about half the memory (Qwen3-VL-8B: 8.7 GiB instead of 16.3 GiB,
-so it fits a 16 GB machine). The price is accuracy: answers are close to the bf16 model's but not the
-same (rounding each activation row to 255 levels hurts most where a row has one huge outlier), so it is
-opt-in.
+Why: on a CPU, decoding one token reads every weight once, and one-byte weights are half the bytes:
+batch-1 decode runs ~1.4x faster than bf16 (both on vlm/cpu_matvec.cc, which computes the same int32
+products as XLA; benchmarks/), and the weights take about half the memory (Qwen3-VL-8B: 8.7 GiB instead
+of 16.3 GiB, so it fits a 16 GB machine). Weight-only int8 is not an option with XLA's products: f32 x
+int8 runs at <1 GB/s on XLA:CPU (it converts the whole matrix first), hence W8A8. The price is
+accuracy: answers are close to the bf16 model's but not the same (rounding each activation row to 255
+levels hurts most where a row has one huge outlier), so it is opt-in.
 """
 
 from __future__ import annotations
