@@ -2,8 +2,8 @@
 
 Decoding a token reads every weight once. XLA:CPU's bf16 product of a few rows gets through ~16 GB/s of
 weights on a 2-core AVX-512 EPYC (its int8 one ~14 GB/s), under half the memory bandwidth; the kernel
-reads each weight once for all rows at ~30-35 GB/s (`python benchmarks/kernels.py`), so decode runs
-~1.8x faster in bf16 and with int8 weights. `vlm.ops.matmul_t` uses it for products of at most
+reads each weight once for all rows at ~27-43 GB/s (`python benchmarks/kernels.py`), so batch-1 decode
+runs ~1.9x faster in bf16 and ~1.7x with int8 weights (benchmarks/bench.py). `vlm.ops.matmul_t` uses it for products of at most
 `MAX_ROWS` rows (decode steps at batch <= 16) with bf16 or int8 weights on a single CPU device; prefill,
 the vision tower, f32 weights (XLA is at memory speed there) and meshes keep XLA's own products. The
 int8 product is exact, the same integers as XLA's; the bf16 one differs from XLA's by f32 rounding only.
@@ -44,9 +44,8 @@ def enabled() -> bool:
 
 def applies(x: jax.Array, w: jax.Array) -> bool:
     """Whether `vlm.ops.matmul_t(x, w)` runs on the kernel: bf16 x and w, or int8 w (x then goes to int8
-    per row, vlm/quantize.py); at most MAX_ROWS rows; a multiple of 32 columns (all
-    of Qwen3-VL's); one CPU device; not disabled; built. Decided while
-    tracing, so it costs nothing at run time."""
+    per row, vlm/quantize.py); at most MAX_ROWS rows; a multiple of 32 columns (all of Qwen3-VL's); one
+    CPU device; not disabled; built. Decided while tracing, so it costs nothing at run time."""
     rows = x.size // x.shape[-1]
     kinds = w.dtype == jnp.int8 or x.dtype == w.dtype == jnp.bfloat16
     return (kinds and w.ndim == 2 and w.shape[1] % 32 == 0 and rows <= MAX_ROWS and jax.default_backend() == "cpu"
