@@ -293,7 +293,7 @@ def worker_jax(args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from vlm import SamplingConfig, cpu_matvec, load_model, prepare_inputs, sample, sample_streaming
+    from vlm import SamplingConfig, cpu_kernels, load_model, prepare_inputs, sample, sample_streaming
     from vlm.weights import param_bytes
 
     res: dict = {"side": "jax"}
@@ -303,7 +303,7 @@ def worker_jax(args) -> dict:
     res["load_s"] = time.perf_counter() - t
     res["dtype"] = model.quantize or np.dtype(model.dtype).name  # int8: what a decode step reads
     res["weight_bytes"] = param_bytes(params)
-    res["decode_products"] = "vlm/cpu_matvec.cc" if cpu_matvec.applies(
+    res["decode_products"] = "vlm/cpu_kernels.cc" if cpu_kernels.applies(
         jnp.zeros((1, 32), model.dtype), jnp.zeros((8, 32), jnp.int8 if args.quantize == "int8" else model.dtype)
     ) else "XLA"
     res["rss_after_load"] = peak_rss()
@@ -526,7 +526,7 @@ def markdown(result: dict) -> str:
         f"{result['load_avg_end'][0]:.1f} at end.  ",
         f"**Model:** {cfg['model']}{' with int8 text weights' if cfg.get('quantize') == 'int8' else ''} "
         f"(random weights, {cfg['ckpt']}); {cfg['tokens']} new tokens per request, "
-        f"sampling {cfg['sampling']}, eos disabled; best of {cfg['repeat']} warm runs; decode products on "
+        f"sampling {cfg['sampling']}, eos disabled; best of {cfg['repeat']} warm runs; decode on "
         f"{ours.get('decode_products', 'XLA')}.  ",
         f"**Bandwidth:** {bw['best'] / 1e9:.1f} GB/s (best of: " + ", ".join(
             f"{k} {v / 1e9:.1f}" for k, v in bw.items() if k != "best") + " GB/s) → limit "

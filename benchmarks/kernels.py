@@ -5,7 +5,7 @@
 Each row is one operation of a Qwen3-VL-2B decode step or prefill, run the way the model runs it
 (`vlm.ops.matmul_t`, `vlm.sampling.process_logits`) on 28 distinct weight matrices in a chain, so the
 weights stream from memory as in a real step instead of sitting in the CPU cache. Products of a few
-bf16 or int8 rows run twice: on XLA's product and on vlm/cpu_matvec.cc (what decode uses on a CPU).
+bf16 or int8 rows run twice: on XLA's product and on vlm/cpu_kernels.cc (what decode uses on a CPU).
 "GB/s" is weight bytes read per second: against the machine's bandwidth (bench.py measures it) it says
 whether a product is bandwidth- or compute-bound. int8 rows are `quantize="int8"`'s product
 (activations to int8 per row, int8 x int8 -> int32). A second table runs the same 28 weights as one
@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vlm import cpu_matvec  # noqa: E402
+from vlm import cpu_kernels  # noqa: E402
 from vlm.ops import matmul_t  # noqa: E402
 from vlm.sampling import process_logits  # noqa: E402
 
@@ -57,7 +57,7 @@ def _weights(out: int, inp: int, dtype, stacked: bool = False):
 def chained_products(rows: int, out: int, inp: int, dtype, stacked: bool = False, kernel: bool = False) -> dict:
     """`rows` x [inp] times 28 distinct [out, inp] weights, one after another (as the layers of a step);
     `stacked`: the weights as one array, looped over with lax.scan (a scan over stacked layers);
-    `kernel`: vlm/cpu_matvec.cc where matmul_t would use it, else XLA's product."""
+    `kernel`: vlm/cpu_kernels.cc where matmul_t would use it, else XLA's product."""
     os.environ["VLM_CPU_KERNELS"] = "1" if kernel else "0"  # read when `chain` is traced
     weights = _weights(out, inp, dtype, stacked)
     x = jnp.ones((rows, inp), jnp.float32 if dtype == jnp.int8 else dtype)
@@ -99,7 +99,7 @@ def main() -> None:
     for name, out, inp in shapes:
         for dtype in (jnp.float32, jnp.bfloat16, jnp.int8):
             for rows in (1, 8, 256):
-                kernel = dtype != jnp.float32 and rows <= cpu_matvec.MAX_ROWS and jax.default_backend() == "cpu"
+                kernel = dtype != jnp.float32 and rows <= cpu_kernels.MAX_ROWS and jax.default_backend() == "cpu"
                 for by_kernel in (False, True) if kernel else (False,):
                     r = chained_products(rows, out, inp, dtype, kernel=by_kernel)
                     by = "vlm kernel" if by_kernel else "XLA"

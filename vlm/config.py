@@ -125,7 +125,7 @@ def resolve_dtype(dtype: str | jnp.dtype | None, stored: str = "bfloat16") -> jn
     """Turn 'auto' / None / 'float32' / 'bfloat16' / a dtype into a jnp dtype. `auto` is the checkpoint's
     own dtype (`stored`, config.json's): bfloat16 for the Qwen3-VL releases, float32 for the tiny test
     model; any other stored dtype (float16) loads as bfloat16. On CPUs, too: on a 2-core AVX-512-BF16
-    EPYC bf16 decodes ~1.6x faster than f32 (vlm/cpu_matvec.cc), prefills 1.7x and batches 3.5x faster
+    EPYC bf16 decodes ~1.6x faster than f32 (vlm/cpu_kernels.cc), prefills 1.7x and batches 3.5x faster
     (benchmarks/), in half the memory."""
     if dtype is None or dtype == "auto":
         return jnp.float32 if stored == "float32" else jnp.bfloat16

@@ -7,7 +7,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from . import cpu_matvec
+from . import cpu_kernels
 
 Params = dict
 
@@ -16,13 +16,13 @@ def matmul_t(x: jax.Array, w: jax.Array, out_dtype=None, scale: jax.Array | None
     """x @ w.T over the last axis, [..., I] x [O, I] -> [..., O], accumulated in f32, cast to `out_dtype`
     (default: x's dtype). An int8 `w` comes with its per-row `scale` (vlm/quantize.py).
 
-    On a CPU, decode steps (<= 16 rows) with bf16 or int8 weights run on vlm/cpu_matvec.cc, which reads
+    On a CPU, decode steps (<= 16 rows) with bf16 or int8 weights run on vlm/cpu_kernels.cc, which reads
     the weights at memory speed; XLA's own products of a few rows are compute-bound at under half of it.
     Otherwise one row is padded to two for XLA:CPU's bf16 and int8 products: it runs a single row in a
     naive loop ~10x slower than its two-row path."""
     out_dtype = out_dtype or x.dtype
-    if cpu_matvec.applies(x, w):
-        return _product(x, w, scale, cpu_matvec.matmul_t).astype(out_dtype)
+    if cpu_kernels.applies(x, w):
+        return _product(x, w, scale, cpu_kernels.matmul_t).astype(out_dtype)
     if math.prod(x.shape[:-1]) == 1 and w.dtype != jnp.float32 and jax.default_backend() == "cpu":
         two = jnp.concatenate([x.reshape(1, -1), jnp.zeros((1, x.shape[-1]), x.dtype)])  # [2, I]
         return _product(two, w, scale)[:1].reshape(*x.shape[:-1], -1).astype(out_dtype)
@@ -90,6 +90,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     b, t, kv, g, d = q.shape
     if t == 1 and k.dtype == jnp.float32:
         return _attend_one_query(q, k, v, mask)
+    if t == 1 and cpu_kernels.attention_applies(k):  # a bf16 decode step on a CPU: vlm/cpu_kernels.cc
+        return cpu_kernels.attend_one_query(q[:, 0], k, v, mask[:, 0], d**-0.5).reshape(b, 1, -1).astype(v.dtype)
     rows = jnp.moveaxis(q, 1, 3).reshape(b, kv, g * t, d)  # [B, K, G*T, D]
     scores = jnp.einsum("bkmd,bksd->bkms", rows, k, preferred_element_type=jnp.float32) * d**-0.5
     scores = jnp.where(mask[:, None, None], scores.reshape(b, kv, g, t, -1), jnp.finfo(jnp.float32).min)

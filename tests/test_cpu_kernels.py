@@ -1,4 +1,4 @@
-"""The CPU decode kernel (vlm/cpu_matvec.cc): built here, the exact product of its bf16 inputs, the same
+"""The CPU decode kernel (vlm/cpu_kernels.cc): built here, the exact product of its bf16 inputs, the same
 per row whatever the batch, used by a bf16 decode step (and only where it applies), samplers still agree."""
 
 import ctypes
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlm import SamplingConfig, cpu_matvec, load_model, prepare_inputs, sample, sample_streaming
+from vlm import SamplingConfig, cpu_kernels, load_model, prepare_inputs, sample, sample_streaming
 from vlm import model as M
 from vlm import sampling as S
-from vlm.ops import matmul_t
+from vlm.ops import attention, matmul_t
 
 
 def _bf16(rng, *shape):
@@ -49,7 +49,7 @@ def test_int8_kernel_is_xlas_int32_product_exactly(rows, k, n):
     rng = np.random.default_rng(k)
     x = jnp.asarray(rng.integers(-127, 128, (rows, k)), jnp.int8)
     w = jnp.asarray(rng.integers(-127, 128, (n, k)), jnp.int8)
-    got = jax.jit(cpu_matvec.matmul_t)(x, w)
+    got = jax.jit(cpu_kernels.matmul_t)(x, w)
     assert got.dtype == jnp.int32
     assert np.array_equal(np.asarray(got), np.asarray(x, np.int64) @ np.asarray(w, np.int64).T)
 
@@ -59,12 +59,12 @@ def test_portable_build_agrees_with_the_native_one():
     march = {"x86_64": "x86-64-v2", "aarch64": "armv8-a"}.get(platform.machine())
     if march is None:
         pytest.skip(f"no baseline -march known for {platform.machine()}")
-    cpu_matvec.register(ctypes.cdll.LoadLibrary(str(cpu_matvec._build(march))), prefix="portable_")
+    cpu_kernels.register(ctypes.cdll.LoadLibrary(str(cpu_kernels._build(march))), prefix="portable_")
     rng = np.random.default_rng(2)
     for dtype, target in [(jnp.bfloat16, "vlm_cpu_matvec_bf16"), (jnp.int8, "vlm_cpu_matvec_int8")]:
         x = jnp.asarray(rng.integers(-100, 100, (5, 384)), dtype)
         w = jnp.asarray(rng.integers(-100, 100, (21, 384)), dtype)
-        native = np.asarray(jax.jit(cpu_matvec.matmul_t)(x, w))
+        native = np.asarray(jax.jit(cpu_kernels.matmul_t)(x, w))
         out = jax.ShapeDtypeStruct(native.shape, native.dtype)
         portable = np.asarray(jax.jit(jax.ffi.ffi_call("portable_" + target, out))(x, w))
         assert np.array_equal(portable, native), dtype  # small integers: every partial sum is exact
@@ -84,13 +84,37 @@ def test_only_small_bf16_products_on_one_cpu_use_it(monkeypatch):
     w = _bf16(rng, 64, 128)
     mm = lambda x, w: matmul_t(x, w)  # noqa: E731
     assert _uses_kernel(mm, _bf16(rng, 2, 3, 128), w)  # [B, T, K] activations: 6 rows
-    assert not _uses_kernel(mm, _bf16(rng, cpu_matvec.MAX_ROWS + 1, 128), w)  # prefill-sized: XLA's GEMM
+    assert not _uses_kernel(mm, _bf16(rng, cpu_kernels.MAX_ROWS + 1, 128), w)  # prefill-sized: XLA's GEMM
     assert not _uses_kernel(mm, jnp.ones((1, 128)), w.astype(jnp.float32))  # f32: XLA is at bandwidth
     assert not _uses_kernel(mm, _bf16(rng, 1, 100), _bf16(rng, 64, 100))  # columns not a multiple of 32
     monkeypatch.setenv("VLM_CPU_KERNELS", "0")
     jax.clear_caches()  # the choice is made while tracing
     assert not _uses_kernel(mm, _bf16(rng, 1, 128), w)
     jax.clear_caches()
+
+
+def test_decode_attention_kernel_matches_xlas(monkeypatch):
+    """One query token over a bf16 cache, rows with different kept slots (left padding, the slot written)."""
+    rng = np.random.default_rng(3)
+    b, kv, g, d, slots = 3, 2, 4, 128, 200
+    q = _bf16(rng, b, 1, kv, g, d)
+    k, v = _bf16(rng, b, kv, slots, d), _bf16(rng, b, kv, slots, d)
+    slot = np.arange(slots)
+    mask = jnp.asarray((slot >= np.array([[0], [30], [100]])) & (slot <= 150))[:, None, :]
+
+    def attend(q, k, v, mask):
+        return attention(q, k, v, mask)
+
+    assert "vlm_cpu_attend_one_query_bf16" in jax.jit(attend).lower(q, k, v, mask).as_text()
+    ours = np.asarray(jax.jit(attend)(q, k, v, mask), np.float32)
+    monkeypatch.setenv("VLM_CPU_KERNELS", "0")
+    jax.clear_caches()
+    xla = np.asarray(jax.jit(attend)(q, k, v, mask), np.float32)
+    jax.clear_caches()
+    assert ours.shape == xla.shape == (b, 1, kv * g * d)
+    np.testing.assert_allclose(ours, xla, rtol=0, atol=2**-8 * np.abs(xla).max())  # a bf16 rounding at most
+    alone = np.asarray(jax.jit(attend)(q[1:2], k[1:2], v[1:2], mask[1:2]), np.float32)
+    assert np.array_equal(alone[0], ours[1])
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +137,7 @@ def test_bf16_decode_step_runs_on_the_kernel_and_matches_xla(bf16, monkeypatch):
         return M.decode(params, model.cfg, token, inputs.next_position, inputs.start, slot, cache)[0]
 
     assert _uses_kernel(step, params, token, cache)
+    assert "vlm_cpu_attend_one_query_bf16" in jax.jit(step).lower(params, token, cache).as_text()
     ours = np.asarray(jax.jit(step)(params, token, cache))
     monkeypatch.setenv("VLM_CPU_KERNELS", "0")
     jax.clear_caches()  # the choice is made while tracing
@@ -139,7 +164,7 @@ def test_bf16_streaming_equals_scan_and_rows_equal_rows_alone(bf16):
 def test_without_a_compiler_it_warns_once_and_uses_xla(tmp_path):
     code = """
 import warnings, jax, jax.numpy as jnp
-from vlm.ops import matmul_t
+from vlm.ops import attention, matmul_t
 x, w = jnp.ones((1, 64), jnp.bfloat16), jnp.ones((8, 64), jnp.bfloat16)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")

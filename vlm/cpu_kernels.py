@@ -1,17 +1,20 @@
-"""The matrix-vector products of decoding on a CPU, as a small C++ kernel (vlm/cpu_matvec.cc).
+"""A decode step's heavy parts on a CPU, as small C++ kernels (vlm/cpu_kernels.cc) called through jax.ffi.
 
 Decoding a token reads every weight once. XLA:CPU's bf16 product of a few rows gets through ~16 GB/s of
-weights on a 2-core AVX-512 EPYC (its int8 one ~14 GB/s), under half the memory bandwidth; the kernel
-reads each weight once for all rows at ~27-43 GB/s (`python benchmarks/kernels.py`), so batch-1 decode
-runs ~1.9x faster in bf16 and ~1.7x with int8 weights (benchmarks/bench.py). `vlm.ops.matmul_t` uses it for products of at most
-`MAX_ROWS` rows (decode steps at batch <= 16) with bf16 or int8 weights on a single CPU device; prefill,
-the vision tower, f32 weights (XLA is at memory speed there) and meshes keep XLA's own products. The
-int8 product is exact, the same integers as XLA's; the bf16 one differs from XLA's by f32 rounding only.
+weights on a 2-core AVX-512 EPYC (its int8 one ~14 GB/s), under half the memory bandwidth; the matrix-
+vector kernel reads each weight once for all rows at ~27-43 GB/s (`python benchmarks/kernels.py`), so
+batch-1 decode runs ~1.9x faster in bf16 and ~1.7x with int8 weights (benchmarks/bench.py).
+`vlm.ops.matmul_t` uses it for products of at most `MAX_ROWS` rows (decode steps at batch <= 16) with
+bf16 or int8 weights; prefill, the vision tower and f32 weights (XLA is at memory speed there) keep XLA's
+products. The int8 product is exact, the same integers as XLA's; the bf16 one differs by f32 rounding.
+`vlm.ops.attention` uses the second kernel for one query token over a bf16 KV cache (XLA's batched bf16
+dots read the cache slowly: at batch 8 x 384 slots they took a quarter of the step).
+Both run on a single CPU device only (not on a mesh).
 
-It is compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`; ~3 s, once) against
+They are compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`; ~3 s, once) against
 the XLA FFI headers that ship with jaxlib, for this CPU (-march=native: vdpbf16ps / vpdpwssd with
 AVX-512 BF16 and VNNI, portable vector code elsewhere), and cached under $VLM_CACHE/kernels. Without a
-compiler, or with VLM_CPU_KERNELS=0, everything runs on XLA's products (a one-line warning says why).
+compiler, or with VLM_CPU_KERNELS=0, everything runs on XLA (a one-line warning says why).
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MAX_ROWS = 16  # above this (prefill) XLA's matrix-matrix product is the faster one
-_SOURCE = Path(__file__).with_name("cpu_matvec.cc")
+_SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 # weight dtype -> (FFI target, exported symbol, result dtype)
 _KERNELS = {jnp.dtype(jnp.bfloat16): ("vlm_cpu_matvec_bf16", "VlmCpuMatvecBf16", jnp.float32),
             jnp.dtype(jnp.int8): ("vlm_cpu_matvec_int8", "VlmCpuMatvecInt8", jnp.int32)}
+_ATTENTION = ("vlm_cpu_attend_one_query_bf16", "VlmCpuAttendOneQueryBf16")
 
 
 def enabled() -> bool:
@@ -50,6 +55,21 @@ def applies(x: jax.Array, w: jax.Array) -> bool:
     kinds = w.dtype == jnp.int8 or x.dtype == w.dtype == jnp.bfloat16
     return (kinds and w.ndim == 2 and w.shape[1] % 32 == 0 and rows <= MAX_ROWS and jax.default_backend() == "cpu"
             and jax.device_count() == 1 and enabled() and _load())
+
+
+def attention_applies(k: jax.Array) -> bool:
+    """Whether one query token's attention over the cache `k` runs on the kernel: a bf16 cache [B, Kv, S,
+    D] with D a multiple of 16, on one CPU device, not disabled, built."""
+    return (k.dtype == jnp.bfloat16 and k.shape[-1] % 16 == 0 and jax.default_backend() == "cpu"
+            and jax.device_count() == 1 and enabled() and _load())
+
+
+def attend_one_query(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array, scale: float) -> jax.Array:
+    """softmax(q k^T * scale, over the slots `keep` keeps) v for q [B, Kv, G, D] and a bf16 cache k/v
+    [B, Kv, S, D], keep [B, S] -> f32 [B, Kv, G, D]; probabilities rounded to bf16 before the sum of V,
+    as `vlm.ops.attention` does."""
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    return jax.ffi.ffi_call(_ATTENTION[0], out)(q.astype(k.dtype), k, v, keep, scale=np.float32(scale))
 
 
 def matmul_t(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -86,7 +106,7 @@ def _build_and_register() -> bool:
 
 def register(lib: ctypes.CDLL, prefix: str = "") -> None:
     """Register `lib`'s kernels as FFI targets (named `prefix` + the usual name)."""
-    for target, symbol, _ in _KERNELS.values():
+    for target, symbol in [(t, s) for t, s, _ in _KERNELS.values()] + [_ATTENTION]:
         jax.ffi.register_ffi_target(prefix + target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
 
 
@@ -95,12 +115,12 @@ def _build(march: str = "native") -> Path:
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not cxx:
         raise OSError("no C++ compiler found; set CXX")
-    cmd = [cxx, "-O3", f"-march={march}", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}"]
+    cmd = [cxx, "-O3", f"-march={march}", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}"]
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\n".join([_SOURCE.read_text(), " ".join(cmd), version, jax.__version__,
                                     platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("VLM_CACHE", Path.home() / ".cache" / "vlm")) / "kernels"
-    lib = cache / f"cpu_matvec-{key}.so"
+    lib = cache / f"cpu_kernels-{key}.so"
     if not lib.exists():
         cache.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)

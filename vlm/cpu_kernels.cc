@@ -1,6 +1,7 @@
-// y = x @ w.T for a few rows of activations x [R, K] and a weight matrix w [N, K] (Hugging Face layout):
-// bf16 x bf16 accumulated in f32, or int8 x int8 accumulated in int32 (vlm/quantize.py's W8A8, exact).
-// These are the products of a decode step on a CPU (vlm/cpu_matvec.py says when they are used).
+// A decode step on a CPU (vlm/cpu_kernels.py says when these are used), as XLA FFI custom calls:
+// - y = x @ w.T for a few rows of activations x [R, K] and a weight matrix w [N, K] (Hugging Face layout):
+//   bf16 x bf16 accumulated in f32, or int8 x int8 accumulated in int32 (vlm/quantize.py's W8A8, exact);
+// - one query token's attention over a bf16 KV cache (at the end).
 //
 // Why: decoding a token reads every weight once. XLA:CPU's bf16 and int8 products of a few rows are
 // compute-bound at ~16 and ~14 GB/s of weights on a 2-core AVX-512 EPYC, under half its memory
@@ -10,14 +11,16 @@
 // whatever R is and however the work is split between threads, so a row's result does not depend on
 // the other rows of the batch (the streaming and scan samplers give the same tokens).
 //
-// An XLA FFI custom call (jax.ffi): the work is split into chunks of weight rows that the calling thread
-// and XLA's intra-op thread pool take in turn; the caller waits only for chunks another thread took.
+// Threads: the work is split into chunks (of weight rows; of (row, kv head) pairs) that the calling
+// thread and XLA's intra-op thread pool take in turn; the caller waits only for chunks another took.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -32,7 +35,7 @@ namespace {
 constexpr int kRowTile = 4;  // rows of x sharing each weight load
 constexpr int kColTile = 4;  // rows of w sharing each x load
 
-constexpr int64_t kAlign = 32;  // K must be a multiple (Qwen3-VL's are; vlm/cpu_matvec.py checks)
+constexpr int64_t kAlign = 32;  // K must be a multiple (Qwen3-VL's are; vlm/cpu_kernels.py checks)
 
 // Each Op multiplies one element type: In (x and w), Out (y), a vector accumulator Acc that takes
 // `kStep` elements of k (a divisor of kAlign) per madd, and `total` (a fixed-order sum).
@@ -165,7 +168,7 @@ template <typename Op, ffi::DataType In, ffi::DataType Out>
 ffi::Error Matvec(ffi::ThreadPool pool, ffi::Buffer<In> x, ffi::Buffer<In> w, ffi::ResultBuffer<Out> y) {
   const auto wd = w.dimensions();
   if (wd.size() != 2 || wd[1] % kAlign != 0 || x.element_count() % wd[1] != 0)
-    return ffi::Error::InvalidArgument("cpu_matvec: expected x [R, K] and w [N, K] with K a multiple of 32");
+    return ffi::Error::InvalidArgument("cpu_kernels: expected x [R, K] and w [N, K] with K a multiple of 32");
   auto work = std::make_shared<Work<Op>>();
   work->x = reinterpret_cast<const typename Op::In*>(x.untyped_data());
   work->w = reinterpret_cast<const typename Op::In*>(w.untyped_data());
@@ -182,6 +185,107 @@ ffi::Error Matvec(ffi::ThreadPool pool, ffi::Buffer<In> x, ffi::Buffer<In> w, ff
   return ffi::Error::Success();
 }
 
+// One query token's attention over a bf16 KV cache (a decode step), per (row, kv head): scores in f32,
+// softmax over the slots `keep` keeps, probabilities rounded to bf16 (as vlm.ops.attention does), then
+// their weighted sum of the V rows in f32. q [B, Kv, G, D], k/v [B, Kv, S, D],
+// keep [B, S], scale -> out [B, Kv, G, D] f32. Each (row, kv head) is one task: rows stay independent.
+inline float bf16_to_f32(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even (finite values)
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+// exp(x) for x <= 0 in plain arithmetic (so loops over it vectorize): 2^(x log2 e) as 2^n times a
+// degree-6 polynomial for 2^f, f in [0, 1); relative error ~2e-7, below a bf16 probability's rounding.
+inline float exp_nonpositive(float x) {
+  const float t = std::max(x, -87.f) * 1.44269504f;
+  const float n = std::floor(t), f = t - n;
+  float p = 1.5353362e-4f;
+  p = p * f + 1.3398874e-3f;
+  p = p * f + 9.6184373e-3f;
+  p = p * f + 5.5503325e-2f;
+  p = p * f + 2.4022648e-1f;
+  p = p * f + 6.9314720e-1f;
+  p = p * f + 1.f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return p * two_n;
+}
+
+void attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, const bool* keep, float scale, float* out,
+            int64_t G, int64_t S, int64_t D) {
+  std::vector<float> qf(G * D), p(G * S, 0.f);
+  for (int64_t i = 0; i < G * D; ++i) qf[i] = bf16_to_f32(q[i]) * scale;
+  for (int64_t s = 0; s < S; ++s) {
+    if (!keep[s]) continue;
+    for (int64_t g = 0; g < G; ++g) {
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < D; ++d) dot += qf[g * D + d] * bf16_to_f32(k[s * D + d]);
+      p[g * S + s] = dot;
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* pg = p.data() + g * S;
+    float top = -INFINITY, total = 0.f;
+    for (int64_t s = 0; s < S; ++s)
+      if (keep[s]) top = std::max(top, pg[s]);
+#pragma omp simd reduction(+ : total)
+    for (int64_t s = 0; s < S; ++s) {
+      pg[s] = keep[s] ? exp_nonpositive(pg[s] - top) : 0.f;
+      total += pg[s];
+    }
+    const float norm = total > 0.f ? total : 1.f;
+#pragma omp simd
+    for (int64_t s = 0; s < S; ++s) pg[s] = bf16_to_f32(f32_to_bf16(pg[s] / norm));
+  }
+  std::fill(out, out + G * D, 0.f);
+  for (int64_t s = 0; s < S; ++s) {
+    if (!keep[s]) continue;
+    for (int64_t g = 0; g < G; ++g) {
+      const float w = p[g * S + s];
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) out[g * D + d] += w * bf16_to_f32(v[s * D + d]);
+    }
+  }
+}
+
+ffi::Error AttendOneQuery(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k,
+                          ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::PRED> keep, float scale,
+                          ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions(), kd = k.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || qd[0] != kd[0] || qd[1] != kd[1] || qd[3] != kd[3])
+    return ffi::Error::InvalidArgument("cpu attention: expected q [B, Kv, G, D] and k/v [B, Kv, S, D]");
+  const int64_t heads = qd[0] * qd[1], G = qd[2], D = qd[3], S = kd[2], kv = qd[1];
+  const auto* qp = reinterpret_cast<const uint16_t*>(q.untyped_data());
+  const auto* kp = reinterpret_cast<const uint16_t*>(k.untyped_data());
+  const auto* vp = reinterpret_cast<const uint16_t*>(v.untyped_data());
+  const bool* mp = keep.typed_data();
+  float* op = out->typed_data();
+  struct Tasks {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto tasks = std::make_shared<Tasks>();
+  auto run = [=] {
+    for (int64_t h; (h = tasks->next.fetch_add(1, std::memory_order_relaxed)) < heads;) {
+      attend(qp + h * G * D, kp + h * S * D, vp + h * S * D, mp + (h / kv) * S, scale, op + h * G * D, G, S, D);
+      tasks->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t i = 1; i < pool.num_threads(); ++i) pool.Schedule([run] { run(); });
+  run();
+  while (tasks->done.load(std::memory_order_acquire) < heads) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // bf16 x bf16 -> f32, and int8 x int8 -> int32 (vlm/quantize.py's W8A8 product, exactly).
@@ -189,3 +293,12 @@ ffi::Error Matvec(ffi::ThreadPool pool, ffi::Buffer<In> x, ffi::Buffer<In> w, ff
   ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<IN>>().Arg<ffi::Buffer<IN>>().Ret<ffi::Buffer<OUT>>()
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmCpuMatvecBf16, (Matvec<Bf16, ffi::BF16, ffi::F32>), VLM_BINDING(ffi::BF16, ffi::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmCpuMatvecInt8, (Matvec<Int8, ffi::S8, ffi::S32>), VLM_BINDING(ffi::S8, ffi::S32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmCpuAttendOneQueryBf16, AttendOneQuery,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
