@@ -7,7 +7,7 @@ of activations into int8 with its own scale the same way and multiplies int8 x i
 dynamic per-token). The vision tower, norms and KV cache stay in the model's dtype.
 
 Why: on a CPU, decoding one token reads every weight once, and one-byte weights are half the bytes:
-batch-1 decode runs ~1.4x faster than bf16 (both on vlm/cpu_kernels.cc, which computes the same int32
+batch-1 decode runs ~1.5x faster than bf16 (both on vlm/cpu_kernels.cc, which computes the same int32
 products as XLA; benchmarks/), and the weights take about half the memory (Qwen3-VL-8B: 8.7 GiB instead
 of 16.3 GiB, so it fits a 16 GB machine). Weight-only int8 is not an option with XLA's products: f32 x
 int8 runs at <1 GB/s on XLA:CPU (it converts the whole matrix first), hence W8A8. The price is
