@@ -147,41 +147,39 @@ void columns(const typename Op::In* x, const typename Op::In* w, typename Op::Ou
   }
 }
 
-// Shared by the caller and the pool tasks, which may start after the call has returned (shared_ptr).
-template <typename Op>
-struct Work {
-  const typename Op::In* x;
-  const typename Op::In* w;
-  typename Op::Out* y;
-  int64_t R, K, N, chunk, chunks;
-  std::atomic<int64_t> next{0}, done{0};
-
-  void run() {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      columns<Op>(x, w, y, R, K, N, c * chunk, std::min(N, (c + 1) * chunk));
-      done.fetch_add(1, std::memory_order_release);
+// fn(i) for every i in [0, n), taken in turn by the calling thread and XLA's intra-op pool; returns when
+// all are done. The caller waits only for tasks another thread took; a pool task that starts after the
+// call has returned finds nothing left to take (the shared state outlives it).
+template <typename Fn>
+void parallel_for(ffi::ThreadPool& pool, int64_t n, Fn fn) {
+  struct Progress {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto progress = std::make_shared<Progress>();
+  auto run = [progress, n, fn] {
+    for (int64_t i; (i = progress->next.fetch_add(1, std::memory_order_relaxed)) < n;) {
+      fn(i);
+      progress->done.fetch_add(1, std::memory_order_release);
     }
-  }
-};
+  };
+  for (int64_t t = 1; t < pool.num_threads(); ++t) pool.Schedule([run] { run(); });
+  run();
+  while (progress->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
 
 template <typename Op, ffi::DataType In, ffi::DataType Out>
 ffi::Error Matvec(ffi::ThreadPool pool, ffi::Buffer<In> x, ffi::Buffer<In> w, ffi::ResultBuffer<Out> y) {
   const auto wd = w.dimensions();
   if (wd.size() != 2 || wd[1] % kAlign != 0 || x.element_count() % wd[1] != 0)
     return ffi::Error::InvalidArgument("cpu_kernels: expected x [R, K] and w [N, K] with K a multiple of 32");
-  auto work = std::make_shared<Work<Op>>();
-  work->x = reinterpret_cast<const typename Op::In*>(x.untyped_data());
-  work->w = reinterpret_cast<const typename Op::In*>(w.untyped_data());
-  work->y = reinterpret_cast<typename Op::Out*>(y->untyped_data());
-  work->N = wd[0];
-  work->K = wd[1];
-  work->R = x.element_count() / wd[1];
+  const auto* xp = reinterpret_cast<const typename Op::In*>(x.untyped_data());
+  const auto* wp = reinterpret_cast<const typename Op::In*>(w.untyped_data());
+  auto* yp = reinterpret_cast<typename Op::Out*>(y->untyped_data());
+  const int64_t N = wd[0], K = wd[1], R = x.element_count() / K;
   // ~64 chunks (whole column tiles) balance the threads when one of them starts late.
-  work->chunk = std::max<int64_t>(kColTile, (work->N + 63) / 64 / kColTile * kColTile);
-  work->chunks = (work->N + work->chunk - 1) / work->chunk;
-  for (int64_t i = 1; i < pool.num_threads(); ++i) pool.Schedule([work] { work->run(); });
-  work->run();
-  while (work->done.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
+  const int64_t chunk = std::max<int64_t>(kColTile, (N + 63) / 64 / kColTile * kColTile);
+  parallel_for(pool, (N + chunk - 1) / chunk,
+               [=](int64_t c) { columns<Op>(xp, wp, yp, R, K, N, c * chunk, std::min(N, (c + 1) * chunk)); });
   return ffi::Error::Success();
 }
 
@@ -270,19 +268,9 @@ ffi::Error AttendOneQuery(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::B
   const auto* vp = reinterpret_cast<const uint16_t*>(v.untyped_data());
   const bool* mp = keep.typed_data();
   float* op = out->typed_data();
-  struct Tasks {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto tasks = std::make_shared<Tasks>();
-  auto run = [=] {
-    for (int64_t h; (h = tasks->next.fetch_add(1, std::memory_order_relaxed)) < heads;) {
-      attend(qp + h * G * D, kp + h * S * D, vp + h * S * D, mp + (h / kv) * S, scale, op + h * G * D, G, S, D);
-      tasks->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t i = 1; i < pool.num_threads(); ++i) pool.Schedule([run] { run(); });
-  run();
-  while (tasks->done.load(std::memory_order_acquire) < heads) std::this_thread::yield();
+  parallel_for(pool, heads, [=](int64_t h) {
+    attend(qp + h * G * D, kp + h * S * D, vp + h * S * D, mp + (h / kv) * S, scale, op + h * G * D, G, S, D);
+  });
   return ffi::Error::Success();
 }
 

@@ -53,15 +53,18 @@ def applies(x: jax.Array, w: jax.Array) -> bool:
     CPU device; not disabled; built. Decided while tracing, so it costs nothing at run time."""
     rows = x.size // x.shape[-1]
     kinds = w.dtype == jnp.int8 or x.dtype == w.dtype == jnp.bfloat16
-    return (kinds and w.ndim == 2 and w.shape[1] % 32 == 0 and rows <= MAX_ROWS and jax.default_backend() == "cpu"
-            and jax.device_count() == 1 and enabled() and _load())
+    return kinds and w.ndim == 2 and w.shape[1] % 32 == 0 and rows <= MAX_ROWS and _usable()
 
 
 def attention_applies(k: jax.Array) -> bool:
     """Whether one query token's attention over the cache `k` runs on the kernel: a bf16 cache [B, Kv, S,
     D] with D a multiple of 16, on one CPU device, not disabled, built."""
-    return (k.dtype == jnp.bfloat16 and k.shape[-1] % 16 == 0 and jax.default_backend() == "cpu"
-            and jax.device_count() == 1 and enabled() and _load())
+    return k.dtype == jnp.bfloat16 and k.shape[-1] % 16 == 0 and _usable()
+
+
+def _usable() -> bool:
+    """On one CPU device, not disabled, and built."""
+    return jax.default_backend() == "cpu" and jax.device_count() == 1 and enabled() and _load()
 
 
 def attend_one_query(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array, scale: float) -> jax.Array:

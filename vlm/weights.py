@@ -193,8 +193,8 @@ def resolve_path(name_or_path: str | Path) -> Path:
 def load_model(name_or_path: str | Path = "Qwen/Qwen3-VL-2B-Instruct", dtype=None, mesh=None, quantize=None):
     """Load a Qwen3-VL checkpoint -> (model, params, tokenizer). dtype: None/"auto" (the checkpoint's: bf16 for Qwen3-VL).
 
-    quantize: None / "none", or "int8": the text decoder's weights in int8, ~1.6x faster batch-1 decode on
-    a CPU in half the memory, answers close to but not the same as bf16's (vlm/quantize.py). One device.
+    quantize: None / "none", or "int8": the text decoder's weights in int8, ~1.5x faster batch-1 decode
+    than bf16 on a CPU in 40% less memory, answers close to but not the same as bf16's (vlm/quantize.py). One device.
 
     mesh: "DxM" such as "1x4" or "2x2", a jax Mesh with axes ("data", "model"), or "auto" (one device:
     plain placement; several: all on `model`). None reads VLM_MODEL_MESH, else "auto". Each weight goes
