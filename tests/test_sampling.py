@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from vlm import SamplingConfig, load_model, prepare_inputs, sample, sample_streaming
+from vlm import sampling as S
 from vlm.sampling import STOP_CHUNK, Detokenizer, process_logits
 
 transformers = pytest.importorskip("transformers")
@@ -239,6 +240,19 @@ def test_chunked_scan_compiles_once_not_per_chunk_or_length(ours):
     res = sample(model, params, inputs, other, jax.random.key(3), should_stop=lambda: False)
     assert [len(t) for t in res.tokens] == [70, 70]
     assert model.compile_count == before
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_scan_sampler_decodes_into_the_prefill_cache(ours, monkeypatch, chunked):
+    """The decode scan takes the prefill's KV cache over (donated), instead of working on a copy of it:
+    at batch 8 x 256 slots of the 2B model a copy was 224 MB more at the peak."""
+    model, params, tok = ours
+    caches, start = [], S._start
+    monkeypatch.setattr(S, "_start", lambda *a, **k: (out := start(*a, **k), caches.append(out[2]))[0])
+    res = sample(model, params, _chunked_inputs(model, params, tok), SamplingConfig(max_new_tokens=20),
+                 jax.random.key(0), should_stop=(lambda: False) if chunked else None)
+    assert [len(t) for t in res.tokens] == [20, 20]
+    assert all(a.is_deleted() for a in jax.tree.leaves(caches))
 
 
 @pytest.mark.parametrize("top_k,top_p", [(20, 0.8), (1, 1.0), (64, 0.95), (65, 0.9), (0, 0.5), (5, 0.3)])

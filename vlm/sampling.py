@@ -168,11 +168,12 @@ def _step(cfg, params, cache, token, next_position, start, prompt_len, i, key, t
 
 def _generate(cfg, params, cache, token, next_position, start, prompt_len, key, temperature, top_k, top_p,
               max_new, eos, *, steps: int, mesh=None):
-    """Tokens 1..steps-1 in one lax.scan -> (tokens, logprobs), each [B, steps-1]."""
-    _, _, _, tokens, logprobs = _scan(cfg, params, cache, token, jnp.isin(token, eos), next_position, start,
+    """Tokens 1..steps-1 in one lax.scan -> (cache, tokens, logprobs), tokens and logprobs [B, steps-1]. Jitted
+    with the cache donated: returning it lets the scan update the prefill's cache in place (not a copy)."""
+    cache, _, _, tokens, logprobs = _scan(cfg, params, cache, token, jnp.isin(token, eos), next_position, start,
                                       prompt_len, key, temperature, top_k, top_p, max_new, eos, 0, steps=steps - 1,
                                       mesh=mesh)
-    return tokens, logprobs
+    return cache, tokens, logprobs
 
 
 def _scan(cfg, params, cache, token, done, next_position, start, prompt_len, key, temperature, top_k, top_p, max_new,
@@ -339,8 +340,8 @@ def sample(model: M.Qwen3VL, params, inputs: VLMInputs, sampling_cfg: SamplingCo
     stopped = False
     if should_stop is None:
         steps = bucket(cfg.max_new_tokens, STEPS_BUCKET_MIN)
-        generate = model.jit(_generate, static_argnames=("steps", "mesh"))
-        parts = [generate(params, cache, token, *args, steps=steps, mesh=mesh)]
+        generate = model.jit(_generate, donate_argnames="cache", static_argnames=("steps", "mesh"))
+        parts = [generate(params, cache, token, *args, steps=steps, mesh=mesh)[1:]]
     else:
         parts, stopped = _decode_in_chunks(model, params, cache, token, args, cfg, inputs.num_rows, should_stop,
                                             mesh)
