@@ -2,6 +2,8 @@
 
 import io
 import json
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -165,6 +167,27 @@ def test_load_tokenizer_falls_back_to_jinja_file(tiny_dir, tmp_path):
     assert P.build_prompt_ids(P.load_tokenizer(tmp_path), messages, counts) == _reference_ids(
         P.load_tokenizer(tiny_dir), messages, counts
     )
+
+
+def test_load_tokenizer_is_autotokenizers_and_leaves_torch_unimported(tiny_dir):
+    """The class tokenizer_config.json names, the tokenizer AutoTokenizer gives, but without AutoTokenizer's
+    detour through the model config, which imports torch when it is installed (+210 MB resident in a JAX
+    process): loading a model and answering leaves torch out."""
+    auto = transformers.AutoTokenizer.from_pretrained(tiny_dir)
+    ours = P.load_tokenizer(tiny_dir)
+    assert type(ours) is type(auto) and ours.chat_template == auto.chat_template
+    for messages, counts in CONVERSATIONS.values():
+        assert P.build_prompt_ids(ours, messages, counts) == _reference_ids(auto, messages, counts)
+    code = f"""
+import sys, jax, numpy as np
+from PIL import Image
+from vlm import SamplingConfig, load_model, prepare_inputs, sample
+model, params, tok = load_model({str(tiny_dir)!r}, dtype="float32")
+x = prepare_inputs(model, params, tok, [Image.fromarray(np.zeros((64, 64, 3), np.uint8))], ["Describe this image."])
+assert len(sample(model, params, x, SamplingConfig(max_new_tokens=3), jax.random.key(0), tok).tokens[0]) == 3
+assert "torch" not in sys.modules, "torch was imported"
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
 # ---------------------------------------------------------------- mRoPE positions

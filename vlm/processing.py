@@ -324,10 +324,19 @@ def build_prompt_ids(
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
-    """The checkpoint's tokenizer, with the chat template from chat_template.jinja/.json if the config lacks one."""
-    from transformers import AutoTokenizer
+    """The checkpoint's tokenizer, with the chat template from chat_template.jinja/.json if the config lacks one.
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    The class named in tokenizer_config.json (Qwen2Tokenizer), when transformers has one by that name:
+    AutoTokenizer would read the model config first, and transformers' config module imports torch when it
+    is installed (+210 MB resident, for nothing). AutoTokenizer otherwise."""
+    import transformers
+
+    config = pathlib.Path(path) / "tokenizer_config.json"
+    name = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class", "") if config.exists() else ""
+    cls = getattr(transformers, name, None) if name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase)):
+        cls = transformers.AutoTokenizer
+    tokenizer = cls.from_pretrained(path)
     if not tokenizer.chat_template:
         root = pathlib.Path(path)
         if (root / "chat_template.jinja").exists():
