@@ -347,6 +347,7 @@ def worker_jax(args) -> dict:
         gen.close()
     res["ttft_warm_second_s"] = min(ttfts)
     res["compiles_warm_second"] = model.compile_count - c0
+    res["peak_rss_b1"] = peak_rss()  # what a batch-1 user (the demo) holds: before the batched runs
     log(f"[jax] warm second request: first token after {res['ttft_warm_second_s']:.2f} s, "
         f"{res['compiles_warm_second']} compiles")
 
@@ -419,6 +420,7 @@ def worker_hf(args) -> dict:
     res["decode_b1"] = (n - 1) / (min(fulls) - min(firsts))
     log(f"[hf {args.dtype}] prefill {res['prefill_s']:.2f} s, decode {res['decode_b1']:.2f} tok/s")
     res["ttft_warm_second_s"] = min(generate("image2", 1) for _ in range(args.repeat))
+    res["peak_rss_b1"] = peak_rss()
     for b in args.batch:
         name = f"text_b{b}"
         generate(name, 1)
@@ -441,7 +443,8 @@ ROWS = [  # key, label, unit, higher_is_better, transformers key, tokens per ste
     ("scan_text_b{b}", "decode, scan, batch {b} (text prompts)", "tok/s", True, "scan_text_b{b}", "b"),
     ("compile_s", "first-request compile (first − warm request)", "s", False, None, None),
     ("compiles_warm_second", "compiles during the warm 2nd request", "", False, None, None),
-    ("peak_rss", "peak resident memory", "GiB", False, "peak_rss", None),
+    ("peak_rss_b1", "peak resident memory, load + batch-1 requests", "GiB", False, "peak_rss_b1", None),
+    ("peak_rss", "peak resident memory, whole run (every batch size)", "GiB", False, "peak_rss", None),
     ("weight_bytes", "weights in memory", "GiB", False, "weight_bytes", None),
     ("load_s", "load checkpoint", "s", False, "load_s", None),
 ]
@@ -482,8 +485,9 @@ def summarise(result: dict) -> dict:
                 if v is not None and d in limits:
                     r[f"{side}_over_bandwidth_limit"] = v / (per_step * limits[d])
         ratios[key] = r
-    if "peak_rss" in ours:
-        ratios["peak_rss"]["ours_over_weight_bytes"] = ours["peak_rss"] / ours["weight_bytes"]
+    for key in ("peak_rss_b1", "peak_rss"):
+        if key in ours:
+            ratios[key]["ours_over_weight_bytes"] = ours[key] / ours["weight_bytes"]
     result["ratios"] = ratios
     result["targets"] = targets(result)
     return result
@@ -512,8 +516,9 @@ def targets(result: dict) -> list[dict]:
         x = ours["scan_text_b8"] / ours["scan_text_b1"]
         out.append(t("scan b8 ≥ 5× scan b1", x, x >= 5))
     out.append(t("zero compiles on the warm 2nd request", ours["compiles_warm_second"], ours["compiles_warm_second"] == 0))
-    x = ours["peak_rss"] / ours["weight_bytes"]
-    out.append(t("peak RSS ≤ 1.2× weight bytes", x, x <= 1.2))
+    for key, when in (("peak_rss_b1", "load + batch-1 requests"), ("peak_rss", "whole run, every batch size")):
+        x = ours[key] / ours["weight_bytes"]
+        out.append(t(f"peak RSS ≤ 1.2× weight bytes ({when})", x, x <= 1.2))
     return out
 
 
@@ -546,7 +551,7 @@ def markdown(result: dict) -> str:
                 v += f" ({r[f'hf_{d}_over_bandwidth_limit']:.0%} bw)"
             cells.append(v)
         vs = f"{r['ours_over_hf_best']:.2f}× (vs {r['hf_best_dtype']})" if "ours_over_hf_best" in r else "—"
-        if key == "peak_rss" and "ours_over_weight_bytes" in r:
+        if "ours_over_weight_bytes" in r:
             vs += f"; {r['ours_over_weight_bytes']:.2f}× our weight bytes"
         lim = f"{r['ours_over_bandwidth_limit']:.0%}" if "ours_over_bandwidth_limit" in r else "—"
         arrow = {True: " ↑", False: " ↓"}[higher] if unit else ""

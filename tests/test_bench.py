@@ -17,4 +17,5 @@ def test_bench_quick_completes(tmp_path):
     data = json.loads(result.read_text())
     assert data["jax"]["compiles_warm_second"] == 0
     assert data["jax"]["decode_stream_b1"] > 0 and data["transformers"]["float32"]["decode_b1"] > 0
+    assert 0 < data["jax"]["peak_rss_b1"] <= data["jax"]["peak_rss"]
     assert result.with_suffix(".md").exists()
