@@ -532,7 +532,9 @@ def markdown(result: dict) -> str:
         f"**Model:** {cfg['model']}{' with int8 text weights' if cfg.get('quantize') == 'int8' else ''} "
         f"(random weights, {cfg['ckpt']}); {cfg['tokens']} new tokens per request, "
         f"sampling {cfg['sampling']}, eos disabled; best of {cfg['repeat']} warm runs; decode on "
-        f"{ours.get('decode_products', 'XLA')}.  ",
+        f"{ours.get('decode_products', 'XLA')}"
+        + (f"; transformers' figures from an earlier run, {result['transformers_from']}" if "transformers_from" in result
+           else "") + ".  ",
         f"**Bandwidth:** {bw['best'] / 1e9:.1f} GB/s (best of: " + ", ".join(
             f"{k} {v / 1e9:.1f}" for k, v in bw.items() if k != "best") + " GB/s) → limit "
         + ", ".join(f"{v:.2f} tok/s in {d} ({result['decode_bytes_per_token'][d] / 1e9:.2f} GB/token)"
@@ -636,6 +638,7 @@ def main() -> None:
         result["jax"] = run_worker("jax", dtype, args, ckpt, work / "inputs.npz", work / "jax.json")
         if args.reuse_hf:
             result["transformers"] = json.loads(args.reuse_hf.read_text())["transformers"]
+            result["transformers_from"] = str(args.reuse_hf)
         else:
             result["transformers"] = {d: run_worker("hf", d, args, ckpt, work / "inputs.npz", work / f"hf-{d}.json")
                                       for d in args.hf_dtypes}
