@@ -331,14 +331,14 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     is installed (+210 MB resident, for nothing). AutoTokenizer otherwise."""
     import transformers
 
-    config = pathlib.Path(path) / "tokenizer_config.json"
+    root = pathlib.Path(path)
+    config = root / "tokenizer_config.json"
     name = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class", "") if config.exists() else ""
     cls = getattr(transformers, name, None) if name.isidentifier() else None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase)):
         cls = transformers.AutoTokenizer
     tokenizer = cls.from_pretrained(path)
     if not tokenizer.chat_template:
-        root = pathlib.Path(path)
         if (root / "chat_template.jinja").exists():
             tokenizer.chat_template = (root / "chat_template.jinja").read_text(encoding="utf-8")
         elif (root / "chat_template.json").exists():

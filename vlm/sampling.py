@@ -341,7 +341,8 @@ def sample(model: M.Qwen3VL, params, inputs: VLMInputs, sampling_cfg: SamplingCo
     if should_stop is None:
         steps = bucket(cfg.max_new_tokens, STEPS_BUCKET_MIN)
         generate = model.jit(_generate, donate_argnames="cache", static_argnames=("steps", "mesh"))
-        parts = [generate(params, cache, token, *args, steps=steps, mesh=mesh)[1:]]
+        _, tokens, logprobs = generate(params, cache, token, *args, steps=steps, mesh=mesh)
+        parts = [(tokens, logprobs)]
     else:
         parts, stopped = _decode_in_chunks(model, params, cache, token, args, cfg, inputs.num_rows, should_stop,
                                             mesh)
