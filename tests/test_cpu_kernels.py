@@ -17,7 +17,7 @@ from PIL import Image
 from vlm import SamplingConfig, cpu_kernels, load_model, prepare_inputs, sample, sample_streaming
 from vlm import model as M
 from vlm import sampling as S
-from vlm.ops import attention, matmul_t
+from vlm.ops import attention, matmul_t, segment_attention
 
 
 def _bf16(rng, *shape):
@@ -68,6 +68,12 @@ def test_portable_build_agrees_with_the_native_one():
         out = jax.ShapeDtypeStruct(native.shape, native.dtype)
         portable = np.asarray(jax.jit(jax.ffi.ffi_call("portable_" + target, out))(x, w))
         assert np.array_equal(portable, native), dtype  # small integers: every partial sum is exact
+    q, k, v = (_bf16(rng, 40, 2, 24) for _ in range(3))
+    segment = jnp.asarray(np.repeat([0, 1, -1], [17, 19, 4]), jnp.int32)
+    native = np.asarray(jax.jit(cpu_kernels.segment_attention, static_argnums=4)(q, k, v, segment, 0.2), np.float32)
+    call = jax.ffi.ffi_call("portable_vlm_cpu_segment_attention_bf16", jax.ShapeDtypeStruct(q.shape, jnp.bfloat16))
+    portable = np.asarray(jax.jit(lambda *a: call(*a, scale=np.float32(0.2)))(q, k, v, segment), np.float32)
+    np.testing.assert_allclose(portable, native, rtol=0, atol=2**-7 * np.abs(native).max())  # bf16 rounding
 
 
 def test_a_rows_result_does_not_depend_on_the_batch():
@@ -117,6 +123,42 @@ def test_decode_attention_kernel_matches_xlas(monkeypatch):
     assert np.array_equal(alone[0], ours[1])
 
 
+def _xla_only(fn, *args):
+    """fn(*args) traced with the kernels disabled (the XLA path)."""
+    os.environ["VLM_CPU_KERNELS"] = "0"
+    jax.clear_caches()  # the choice is made while tracing
+    try:
+        return jax.jit(fn)(*args)
+    finally:
+        del os.environ["VLM_CPU_KERNELS"]
+        jax.clear_caches()
+
+
+@pytest.mark.parametrize("runs,heads,d", [([196, 180, -28], 16, 64), ([50, 14, 11], 2, 16), ([100, -12], 3, 72),
+                                          ([33], 1, 128)])
+def test_segment_attention_kernel_matches_xlas(runs, heads, d):
+    """The vision tower's attention: images of any size packed one after another (a negative run is
+    padding, segment -1), any head_dim of Qwen3-VL's towers (2B: 64, 4B/8B: 72; tiny: 16)."""
+    rng = np.random.default_rng(d)
+    segment = jnp.asarray(np.concatenate([np.full(abs(n), i if n > 0 else -1) for i, n in enumerate(runs)]), jnp.int32)
+    q, k, v = (_bf16(rng, len(segment), heads, d) * 2 for _ in range(3))
+    assert "vlm_cpu_segment_attention_bf16" in jax.jit(segment_attention).lower(q, k, v, segment).as_text()
+    ours = np.asarray(jax.jit(segment_attention)(q, k, v, segment), np.float32)
+    xla = np.asarray(_xla_only(segment_attention, q, k, v, segment), np.float32)
+    assert ours.shape == xla.shape == q.shape
+    np.testing.assert_allclose(ours, xla, rtol=0, atol=2**-7 * np.abs(xla).max())  # a bf16 rounding at most
+    assert (ours != xla).mean() < 0.01
+    first = int(runs[0])  # the first image alone: the others do not change its rows
+    alone = np.asarray(jax.jit(segment_attention)(q[:first], k[:first], v[:first], segment[:first]), np.float32)
+    assert np.array_equal(alone, ours[:first])
+
+
+def test_segment_attention_kernel_refuses_a_split_segment():
+    q = jnp.ones((8, 1, 16), jnp.bfloat16)
+    with pytest.raises(Exception, match="one run of rows"):
+        jax.block_until_ready(jax.jit(segment_attention)(q, q, q, jnp.asarray([0, 0, 1, 1, 0, 0, 2, 2], jnp.int32)))
+
+
 @pytest.fixture(scope="module")
 def bf16(tiny_dir):
     return load_model(tiny_dir, dtype="bfloat16")
@@ -148,6 +190,19 @@ def test_bf16_decode_step_runs_on_the_kernel_and_matches_xla(bf16, monkeypatch):
     jax.clear_caches()
 
 
+def test_bf16_vision_tower_runs_on_the_kernel_and_matches_xla(bf16):
+    model, params, tok = bf16
+    inputs = prepare_inputs(model, params, tok, [_image(224, 256, 0), _image(160, 96, 1)], ["Compare.", "Hi"])
+    v = inputs.vision
+    args = (params, v.patches, v.pos_taps, v.pos_weights, v.rope_ids, v.segment)
+    encode = model.jit(S._encode)
+    assert "vlm_cpu_segment_attention_bf16" in encode.lower(*args).as_text()
+    ours = [np.asarray(a, np.float32) for a in encode(*args)]
+    xla = [np.asarray(a, np.float32) for a in _xla_only(lambda *a: S._encode(model.cfg, *a), *args)]
+    for a, b in zip(ours, xla):
+        assert np.abs(a - b).max() < 0.02 * np.abs(b).max()  # bf16 rounding through the layers
+
+
 def test_bf16_streaming_equals_scan_and_rows_equal_rows_alone(bf16):
     model, params, tok = bf16
     images, prompts = [_image(256, 300, 1), None, _image(200, 240, 2)], ["Tell me a story.", "Hi!", "What is it?"]
@@ -164,7 +219,7 @@ def test_bf16_streaming_equals_scan_and_rows_equal_rows_alone(bf16):
 def test_without_a_compiler_it_warns_once_and_uses_xla(tmp_path):
     code = """
 import warnings, jax, jax.numpy as jnp
-from vlm.ops import attention, matmul_t
+from vlm.ops import attention, matmul_t, segment_attention
 x, w = jnp.ones((1, 64), jnp.bfloat16), jnp.ones((8, 64), jnp.bfloat16)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")

@@ -20,6 +20,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -200,20 +201,34 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even (finite values)
   return uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
-// exp(x) for x <= 0 in plain arithmetic (so loops over it vectorize): 2^(x log2 e) as 2^n times a
-// degree-6 polynomial for 2^f, f in [0, 1); relative error ~2e-7, below a bf16 probability's rounding.
-inline float exp_nonpositive(float x) {
-  const float t = std::max(x, -87.f) * 1.44269504f;
-  const float n = std::floor(t), f = t - n;
-  float p = 1.5353362e-4f;
-  p = p * f + 1.3398874e-3f;
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t s32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+
+template <typename To, typename From>
+To convert(From v) {  // a float or int, or a vector of them, to the same number of another type
+  if constexpr (std::is_arithmetic_v<From>)
+    return To(v);
+  else
+    return __builtin_convertvector(v, To);
+}
+
+// exp(x) for x <= 0, of a float (F, I = float, int32_t) or 16 at once (f32x16, s32x16), in plain
+// arithmetic: 2^(x log2 e) as 2^n times a degree-6 polynomial for 2^f, f in [0, 1); relative error
+// ~2e-7, below a bf16 probability's rounding.
+template <typename F = float, typename I = int32_t>
+F exp_nonpositive(F x) {
+  const F t = (x < -87.f ? F{} - 87.f : x) * 1.44269504f;
+  const I n = convert<I>(t + 128.f) - 128;  // floor: truncation of a positive number
+  const F f = t - convert<F>(n);
+  F p = f * 1.5353362e-4f + 1.3398874e-3f;
   p = p * f + 9.6184373e-3f;
   p = p * f + 5.5503325e-2f;
   p = p * f + 2.4022648e-1f;
   p = p * f + 6.9314720e-1f;
   p = p * f + 1.f;
-  const int32_t bits = (int32_t(n) + 127) << 23;
-  float two_n;
+  const I bits = (n + 127) << 23;
+  F two_n;
   std::memcpy(&two_n, &bits, sizeof two_n);
   return p * two_n;
 }
@@ -274,6 +289,221 @@ ffi::Error AttendOneQuery(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::B
   return ffi::Error::Success();
 }
 
+
+// ---------------------------------------------------------------- attention within segments (vision)
+// softmax(q k^T * scale) v for every head, each query over the keys of its own segment (the image it
+// belongs to; -1 = padding) of a packed batch: the vision tower's attention. q/k/v [N, H, D] bf16 (D
+// even), segment [N] int32 -> out [N, H, D] bf16. Numerics as vlm.ops.segment_attention's XLA path:
+// scores in f32, probabilities rounded to bf16, their sum of V in f32, rounded to bf16.
+// Work: a head's K and V are first packed so that one vector op takes a pair of bf16 from each of 16
+// keys (or 16 dims) against a broadcast pair of q (or of probabilities); then each task takes a block of
+// query rows of one head, scores only the keys of its rows' segments, softmaxes them in place and sums V.
+
+#if defined(__AVX512BF16__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+struct PairDot {  // 16 f32 lanes += a.lo * b.lo + a.hi * b.hi over bf16 pairs (vdpbf16ps)
+  using Acc = __m512;
+  using Pairs = __m512bh;
+  static Acc zero() { return _mm512_setzero_ps(); }
+  static Pairs load(const uint32_t* p) { return (Pairs)_mm512_loadu_si512(p); }
+  static Pairs broadcast(uint32_t pair) { return (Pairs)_mm512_set1_epi32(int(pair)); }
+  static Acc madd(Acc acc, Pairs a, Pairs b) { return _mm512_dpbf16_ps(acc, a, b); }
+  static void store(float* p, Acc acc) { _mm512_storeu_ps(p, acc); }
+};
+#else
+struct PairDot {  // the same in portable vector code
+  typedef float Acc __attribute__((vector_size(64)));
+  typedef uint32_t Pairs __attribute__((vector_size(64)));
+  static Acc zero() { return Acc{}; }
+  static Pairs load(const uint32_t* p) {
+    Pairs v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static Pairs broadcast(uint32_t pair) { return Pairs{} + pair; }
+  static Acc madd(Acc acc, Pairs a, Pairs b) {
+    const Pairs hi = Pairs{} + 0xFFFF0000u;
+    Acc alo, ahi, blo, bhi;
+    const Pairs al = a << 16, ah = a & hi, bl = b << 16, bh = b & hi;
+    std::memcpy(&alo, &al, 64), std::memcpy(&ahi, &ah, 64), std::memcpy(&blo, &bl, 64), std::memcpy(&bhi, &bh, 64);
+    return acc + alo * blo + ahi * bhi;
+  }
+  static void store(float* p, Acc acc) { std::memcpy(p, &acc, sizeof acc); }
+};
+#endif
+
+constexpr int kKeys = 16;      // keys per packed K block: one vector of scores
+constexpr int kQueryRows = 32; // query rows per task
+
+// s[r, 16j + l] = q[r] . k[block j, key l] for R query rows and J key blocks. q: R rows of P pairs,
+// `qs` pairs apart; kp: J packed blocks [P pairs][16 keys]; s: rows `ss` floats apart.
+template <int R, int J>
+void score_tile(const uint32_t* q, int64_t qs, const uint32_t* kp, int64_t P, float* s, int64_t ss) {
+  PairDot::Acc acc[R][J];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) acc[r][j] = PairDot::zero();
+  for (int64_t p = 0; p < P; ++p) {
+    PairDot::Pairs kv[J];
+    for (int j = 0; j < J; ++j) kv[j] = PairDot::load(kp + (j * P + p) * kKeys);
+    for (int r = 0; r < R; ++r) {
+      const PairDot::Pairs qb = PairDot::broadcast(q[r * qs + p]);
+      for (int j = 0; j < J; ++j) acc[r][j] = PairDot::madd(acc[r][j], kv[j], qb);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) PairDot::store(s + r * ss + j * kKeys, acc[r][j]);
+}
+
+// o[r, :16C] = sum over key pairs t of probs[r, pair t] . v[pair t] for R rows. probs: R rows of T
+// pairs, `ps` pairs apart; vp: T packed pairs [16C dims]; o: rows 16C floats apart.
+template <int R, int C>
+void value_tile(const uint32_t* probs, int64_t ps, const uint32_t* vp, int64_t T, float* o) {
+  PairDot::Acc acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = PairDot::zero();
+  for (int64_t t = 0; t < T; ++t) {
+    PairDot::Pairs vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = PairDot::load(vp + (t * C + c) * 16);
+    for (int r = 0; r < R; ++r) {
+      const PairDot::Pairs pb = PairDot::broadcast(probs[r * ps + t]);
+      for (int c = 0; c < C; ++c) acc[r][c] = PairDot::madd(acc[r][c], vv[c], pb);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) PairDot::store(o + (r * C + c) * 16, acc[r][c]);
+}
+
+// score_tile<r, j> for r <= R, j <= J known at run time.
+template <int R, int J>
+void score_any(int64_t r, int64_t j, const uint32_t* q, int64_t qs, const uint32_t* kp, int64_t P, float* s,
+               int64_t ss) {
+  if constexpr (R > 1)
+    if (r < R) return score_any<R - 1, J>(r, j, q, qs, kp, P, s, ss);
+  if constexpr (J > 1)
+    if (j < J) return score_any<R, J - 1>(r, j, q, qs, kp, P, s, ss);
+  score_tile<R, J>(q, qs, kp, P, s, ss);
+}
+
+template <int R, int C>
+void value_any(int64_t r, const uint32_t* probs, int64_t ps, const uint32_t* vp, int64_t T, float* o) {
+  if constexpr (R > 1)
+    if (r < R) return value_any<R - 1, C>(r, probs, ps, vp, T, o);
+  value_tile<R, C>(probs, ps, vp, T, o);
+}
+
+// All `rows` rows of o = probs . V, in tiles of up to ~24 accumulators.
+template <int C>
+void values(int64_t rows, const uint32_t* probs, int64_t ps, const uint32_t* vp, int64_t T, float* o) {
+  constexpr int R = std::max(1, std::min(8, 24 / C));
+  for (int64_t r = 0; r < rows; r += R) value_any<R, C>(std::min<int64_t>(R, rows - r), probs + r * ps, ps, vp, T, o + r * C * 16);
+}
+
+// probs[:W] = softmax(s[a:b] * scale) rounded to bf16, zero outside [a, b); W a multiple of 16, s is
+// overwritten. In 16-lane vectors (GCC does not vectorize the exp's loop by itself).
+void softmax_row(float* s, uint16_t* probs, int64_t a, int64_t b, int64_t W, float scale) {
+  const s32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const auto load = [&](int64_t j) {
+    f32x16 v;
+    std::memcpy(&v, s + j, sizeof v);
+    return v * scale;
+  };
+  const auto inside = [&](int64_t j) { return (lane + int32_t(j) >= int32_t(a)) & (lane + int32_t(j) < int32_t(b)); };
+  f32x16 top = f32x16{} - INFINITY, total = {};
+  for (int64_t j = a / 16 * 16; j < b; j += 16) top = inside(j) && load(j) > top ? load(j) : top;
+  float m = -INFINITY;
+  for (int i = 0; i < 16; ++i) m = std::max(m, top[i]);
+  for (int64_t j = 0; j < W; j += 16) {
+    const f32x16 e = inside(j) ? exp_nonpositive<f32x16, s32x16>(load(j) - m) : f32x16{};
+    std::memcpy(s + j, &e, sizeof e);
+    total += e;
+  }
+  float sum = 0.f;
+  for (int i = 0; i < 16; ++i) sum += total[i];
+  for (int64_t j = 0; j < W; j += 16) {
+    f32x16 e;
+    std::memcpy(&e, s + j, sizeof e);
+    e /= sum;
+    s32x16 u;
+    std::memcpy(&u, &e, sizeof u);
+    const u16x16 bf = convert<u16x16>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);  // round to nearest even
+    std::memcpy(probs + j, &bf, sizeof bf);
+  }
+}
+
+using ValuesFn = void (*)(int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t, float*);
+constexpr ValuesFn kValues[] = {values<1>, values<2>, values<3>, values<4>, values<5>, values<6>, values<7>, values<8>};
+
+ffi::Error SegmentAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k,
+                            ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::S32> segment, float scale,
+                            ffi::ResultBuffer<ffi::BF16> out) {
+  const auto qd = q.dimensions();
+  const auto same = [&](auto dims) { return dims.size() == 3 && std::equal(dims.begin(), dims.end(), qd.begin()); };
+  if (qd.size() != 3 || !same(k.dimensions()) || !same(v.dimensions()) || qd[2] % 2 != 0 || qd[2] > 128 ||
+      segment.element_count() != qd[0])
+    return ffi::Error::InvalidArgument("cpu segment attention: expected q/k/v [N, H, D], D even <= 128, segment [N]");
+  const int64_t N = qd[0], H = qd[1], D = qd[2], P = D / 2, C = (D + 15) / 16, Dp = 16 * C;
+  const int64_t blocks = (N + kKeys - 1) / kKeys, pairs = blocks * kKeys / 2;
+  const auto* qw = reinterpret_cast<const uint32_t*>(q.untyped_data());  // [N, H, P] bf16 pairs
+  const auto* kw = reinterpret_cast<const uint32_t*>(k.untyped_data());
+  const auto* vh = reinterpret_cast<const uint16_t*>(v.untyped_data());
+  const int32_t* seg = segment.typed_data();
+  auto* op = reinterpret_cast<uint16_t*>(out->untyped_data());
+
+  // Each row's keys: the run of rows of its segment, [lo, hi) (vlm.vision packs each image's patches
+  // together; a segment in two runs is an error).
+  std::vector<int64_t> lo(N), hi(N);
+  for (int64_t i = 0, e; i < N; i = e) {
+    for (e = i; e < N && seg[e] == seg[i];) ++e;
+    if (std::find(seg + e, seg + N, seg[i]) != seg + N)
+      return ffi::Error::InvalidArgument("cpu segment attention: each segment must be one run of rows");
+    std::fill(lo.begin() + i, lo.begin() + e, i), std::fill(hi.begin() + i, hi.begin() + e, e);
+  }
+
+  // K per head: [block][pair p][16 keys]; V per head: [key pair][Dp dims] (pairs of keys interleaved);
+  // zero past N and D.
+  std::vector<uint32_t> kp(H * blocks * P * kKeys), vp(H * pairs * Dp);
+  parallel_for(pool, H, [&](int64_t h) {
+    uint32_t* kh = kp.data() + h * blocks * P * kKeys;
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int64_t p = 0; p < P; ++p)
+        for (int64_t l = 0; l < kKeys; ++l) {
+          const int64_t key = b * kKeys + l;
+          kh[(b * P + p) * kKeys + l] = key < N ? kw[(key * H + h) * P + p] : 0;
+        }
+    uint32_t* vo = vp.data() + h * pairs * Dp;
+    for (int64_t t = 0; t < pairs; ++t)
+      for (int64_t d = 0; d < Dp; ++d) {
+        const int64_t a = 2 * t, b = 2 * t + 1;
+        const uint32_t va = a < N && d < D ? vh[(a * H + h) * D + d] : 0, vb = b < N && d < D ? vh[(b * H + h) * D + d] : 0;
+        vo[t * Dp + d] = va | (vb << 16);
+      }
+  });
+
+  const int64_t query_blocks = (N + kQueryRows - 1) / kQueryRows;
+  parallel_for(pool, H * query_blocks, [&](int64_t task) {
+    const int64_t h = task / query_blocks, i0 = task % query_blocks * kQueryRows;
+    const int64_t rows = std::min<int64_t>(kQueryRows, N - i0);
+    const int64_t first = *std::min_element(lo.begin() + i0, lo.begin() + i0 + rows) / kKeys;
+    const int64_t last = (*std::max_element(hi.begin() + i0, hi.begin() + i0 + rows) + kKeys - 1) / kKeys;
+    const int64_t W = (last - first) * kKeys;  // keys scored, from key first * kKeys
+    thread_local std::vector<float> scores, o;
+    thread_local std::vector<uint16_t> probs;
+    scores.resize(kQueryRows * W), probs.resize(kQueryRows * W), o.resize(kQueryRows * Dp);
+    const uint32_t* kh = kp.data() + (h * blocks + first) * P * kKeys;
+    for (int64_t r = 0; r < rows; r += 8)
+      for (int64_t j = 0; j < last - first; j += 3)
+        score_any<8, 3>(std::min<int64_t>(8, rows - r), std::min<int64_t>(3, last - first - j),
+                        qw + ((i0 + r) * H + h) * P, H * P, kh + j * P * kKeys, P, scores.data() + r * W + j * kKeys, W);
+    for (int64_t r = 0; r < rows; ++r)
+      softmax_row(scores.data() + r * W, probs.data() + r * W, lo[i0 + r] - first * kKeys, hi[i0 + r] - first * kKeys,
+                  W, scale);
+    kValues[C - 1](rows, reinterpret_cast<const uint32_t*>(probs.data()), W / 2, vp.data() + (h * pairs + first * kKeys / 2) * Dp,
+                   W / 2, o.data());
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t d = 0; d < D; ++d) op[((i0 + r) * H + h) * D + d] = f32_to_bf16(o[r * Dp + d]);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // bf16 x bf16 -> f32, and int8 x int8 -> int32 (vlm/quantize.py's W8A8 product, exactly).
@@ -290,3 +520,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmCpuAttendOneQueryBf16, AttendOneQuery,
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmCpuSegmentAttentionBf16, SegmentAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::BF16>>());

@@ -40,6 +40,7 @@ _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _KERNELS = {jnp.dtype(jnp.bfloat16): ("vlm_cpu_matvec_bf16", "VlmCpuMatvecBf16", jnp.float32),
             jnp.dtype(jnp.int8): ("vlm_cpu_matvec_int8", "VlmCpuMatvecInt8", jnp.int32)}
 _ATTENTION = ("vlm_cpu_attend_one_query_bf16", "VlmCpuAttendOneQueryBf16")
+_SEGMENT_ATTENTION = ("vlm_cpu_segment_attention_bf16", "VlmCpuSegmentAttentionBf16")
 
 
 def enabled() -> bool:
@@ -62,6 +63,12 @@ def attention_applies(k: jax.Array) -> bool:
     return k.dtype == jnp.bfloat16 and k.shape[-1] % 16 == 0 and _usable()
 
 
+def segment_attention_applies(k: jax.Array) -> bool:
+    """Whether the vision tower's attention over `k` [N, H, D] runs on the kernel: bf16, D even and at
+    most 128, on one CPU device, not disabled, built."""
+    return k.dtype == jnp.bfloat16 and k.shape[-1] % 2 == 0 and k.shape[-1] <= 128 and _usable()
+
+
 def _usable() -> bool:
     """On one CPU device, not disabled, and built."""
     return jax.default_backend() == "cpu" and jax.device_count() == 1 and enabled() and _load()
@@ -73,6 +80,13 @@ def attend_one_query(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array, 
     as `vlm.ops.attention` does."""
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
     return jax.ffi.ffi_call(_ATTENTION[0], out)(q.astype(k.dtype), k, v, keep, scale=np.float32(scale))
+
+
+def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment: jax.Array, scale: float) -> jax.Array:
+    """softmax(q k^T * scale) v, each query over the keys of its own segment, for bf16 q/k/v [N, H, D]
+    and segment [N] int32 -> bf16 [N, H, D]; as `vlm.ops.segment_attention` computes it."""
+    out = jax.ShapeDtypeStruct(q.shape, jnp.bfloat16)
+    return jax.ffi.ffi_call(_SEGMENT_ATTENTION[0], out)(q, k, v, segment.astype(jnp.int32), scale=np.float32(scale))
 
 
 def matmul_t(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -109,7 +123,7 @@ def _build_and_register() -> bool:
 
 def register(lib: ctypes.CDLL, prefix: str = "") -> None:
     """Register `lib`'s kernels as FFI targets (named `prefix` + the usual name)."""
-    for target, symbol in [(t, s) for t, s, _ in _KERNELS.values()] + [_ATTENTION]:
+    for target, symbol in [(t, s) for t, s, _ in _KERNELS.values()] + [_ATTENTION, _SEGMENT_ATTENTION]:
         jax.ffi.register_ffi_target(prefix + target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
 
 

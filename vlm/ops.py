@@ -100,6 +100,21 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return jnp.moveaxis(out.reshape(b, kv, g, t, d), 3, 1).reshape(b, t, -1).astype(v.dtype)
 
 
+def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment: jax.Array) -> jax.Array:
+    """Attention of every query over the keys of its own segment (the vision tower: each patch over the
+    patches of its image; padding, segment -1, among itself). q/k/v [N, H, D], segment [N] -> [N, H, D].
+    Scores and softmax in f32, probabilities in v's dtype, their sum of V accumulated in f32.
+    In bf16 on a CPU this runs on vlm/cpu_kernels.cc, which scores only the keys of each query's image:
+    XLA:CPU's takes ~40 ms a layer at 896 patches (2B), ~40 % of the vision tower."""
+    scale = q.shape[-1] ** -0.5
+    if cpu_kernels.segment_attention_applies(k):
+        return cpu_kernels.segment_attention(q, k, v, segment, scale)
+    scores = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where((segment[:, None] == segment[None, :])[None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("hqk,khd->qhd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+
+
 def _attend_one_query(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """`attention` for one query token over an f32 cache, as products and sums instead of dots.
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import VisionConfig
-from .ops import Params, apply_rope, layer_norm, linear
+from .ops import Params, apply_rope, layer_norm, linear, segment_attention
 
 
 @dataclass(frozen=True)
@@ -87,17 +87,14 @@ def _rotary(rope_ids: jax.Array, cfg: VisionConfig) -> tuple[jax.Array, jax.Arra
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def _block(x: jax.Array, p: Params, cos, sin, mask, cfg: VisionConfig) -> jax.Array:
+def _block(x: jax.Array, p: Params, cos, sin, segment, cfg: VisionConfig) -> jax.Array:
     n = x.shape[0]
     h = layer_norm(x, p["norm1"])
     qkv = linear(h, p["attn"]["qkv"]).reshape(n, 3, cfg.num_heads, cfg.head_dim)  # [N, 3, H, D]
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
     q = apply_rope(q.astype(jnp.float32), cos, sin).astype(x.dtype)
     k = apply_rope(k.astype(jnp.float32), cos, sin).astype(x.dtype)
-    scores = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) * cfg.head_dim**-0.5
-    scores = jnp.where(mask[None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    attn = jnp.einsum("hqk,khd->qhd", probs, v).reshape(n, -1)  # [N, H*D]
+    attn = segment_attention(q, k, v, segment).reshape(n, -1)  # within each image; [N, H*D]
     x = x + linear(attn, p["attn"]["proj"])
     h = jax.nn.gelu(linear(layer_norm(x, p["norm2"]), p["mlp"]["linear_fc1"]), approximate=True)
     return x + linear(h, p["mlp"]["linear_fc2"])
@@ -123,10 +120,9 @@ def encode(params: Params, cfg: VisionConfig, patches, pos_taps, pos_weights, ro
     pos = jnp.sum(table[pos_taps].astype(jnp.float32) * pos_weights[:, :, None], axis=1)  # [N, hidden]
     x = x + pos.astype(dtype)
     cos, sin = _rotary(rope_ids, cfg)
-    mask = segment[:, None] == segment[None, :]  # block-diagonal: attend within each image only
     deepstack = []
     for i, block in enumerate(params["blocks"]):
-        x = _block(x, block, cos, sin, mask, cfg)
+        x = _block(x, block, cos, sin, segment, cfg)
         if i in cfg.deepstack_visual_indexes:
             k = cfg.deepstack_visual_indexes.index(i)
             deepstack.append(_merger(x, params["deepstack_merger_list"][k], cfg, postshuffle=True))
