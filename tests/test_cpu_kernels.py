@@ -28,15 +28,17 @@ def _product(x, w, out_dtype=jnp.float32):
     return jax.jit(lambda x, w: matmul_t(x, w, out_dtype=out_dtype))(x, w)
 
 
-def _uses_kernel(fn, *args) -> bool:
-    return "vlm_cpu_matvec_bf16" in jax.jit(fn).lower(*args).as_text()
+def _uses_kernel(fn, *args, kernel="vlm_cpu_matvec_bf16") -> bool:
+    return kernel in jax.jit(fn).lower(*args).as_text()
 
 
-@pytest.mark.parametrize("rows,k,n", [(1, 2048, 300), (3, 64, 13), (16, 192, 37), (5, 64, 5), (1, 6144, 8)])
+@pytest.mark.parametrize("rows,k,n", [(1, 2048, 300), (3, 64, 13), (16, 192, 37), (5, 64, 5), (1, 6144, 8),
+                                      (17, 64, 13), (130, 2048, 300), (512, 96, 49), (64, 6144, 8)])
 def test_kernel_is_the_f32_product_of_its_bf16_inputs(rows, k, n):
     rng = np.random.default_rng(rows * k + n)
     x, w = _bf16(rng, rows, k), _bf16(rng, n, k)
-    assert _uses_kernel(lambda x, w: matmul_t(x, w), x, w), "the kernel should build and run on this machine"
+    kernel = "vlm_cpu_matvec_bf16" if rows <= cpu_kernels.MAX_ROWS else "vlm_cpu_matmul_bf16"
+    assert _uses_kernel(lambda x, w: matmul_t(x, w), x, w, kernel=kernel), "the kernel should build and run here"
     got = np.asarray(_product(x, w))
     exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T  # bf16 products are exact in f32
     assert np.abs(got - exact).max() <= 1e-6 * np.abs(exact).max() * np.sqrt(k)  # f32 accumulation only
@@ -68,6 +70,10 @@ def test_portable_build_agrees_with_the_native_one():
         out = jax.ShapeDtypeStruct(native.shape, native.dtype)
         portable = np.asarray(jax.jit(jax.ffi.ffi_call("portable_" + target, out))(x, w))
         assert np.array_equal(portable, native), dtype  # small integers: every partial sum is exact
+    x, w = (jnp.asarray(rng.integers(-100, 100, shape), jnp.bfloat16) for shape in [(70, 96), (13, 96)])
+    native = np.asarray(jax.jit(cpu_kernels.matmul_t)(x, w))
+    call = jax.ffi.ffi_call("portable_vlm_cpu_matmul_bf16", jax.ShapeDtypeStruct(native.shape, native.dtype))
+    assert np.array_equal(np.asarray(jax.jit(call)(x, w)), native)
     q, k, v = (_bf16(rng, 40, 2, 24) for _ in range(3))
     segment = jnp.asarray(np.repeat([0, 1, -1], [17, 19, 4]), jnp.int32)
     native = np.asarray(jax.jit(cpu_kernels.segment_attention, static_argnums=4)(q, k, v, segment, 0.2), np.float32)
@@ -83,19 +89,33 @@ def test_a_rows_result_does_not_depend_on_the_batch():
     for r in (0, 5, 15):
         assert np.array_equal(np.asarray(_product(x[r : r + 1], w))[0], batch[r]), f"row {r}"
     assert np.array_equal(np.asarray(_product(x[3:10], w)), batch[3:10])
+    x = _bf16(rng, cpu_kernels.MAX_MATMUL_ROWS, 4096)  # the matrix-matrix kernel: K in blocks by the rows
+    batch = np.asarray(_product(x, w := _bf16(rng, 13, 4096)))
+    for rows in (slice(0, 17), slice(100, 300), slice(7, 500)):
+        assert np.array_equal(np.asarray(_product(x[rows], w)), batch[rows]), rows
 
 
-def test_only_small_bf16_products_on_one_cpu_use_it(monkeypatch):
+def test_which_products_use_which_kernel(monkeypatch):
     rng = np.random.default_rng(1)
     w = _bf16(rng, 64, 128)
-    mm = lambda x, w: matmul_t(x, w)  # noqa: E731
-    assert _uses_kernel(mm, _bf16(rng, 2, 3, 128), w)  # [B, T, K] activations: 6 rows
-    assert not _uses_kernel(mm, _bf16(rng, cpu_kernels.MAX_ROWS + 1, 128), w)  # prefill-sized: XLA's GEMM
-    assert not _uses_kernel(mm, jnp.ones((1, 128)), w.astype(jnp.float32))  # f32: XLA is at bandwidth
-    assert not _uses_kernel(mm, _bf16(rng, 1, 100), _bf16(rng, 64, 100))  # columns not a multiple of 32
+    mm = lambda x, w, scale=None: matmul_t(x, w, scale=scale)  # noqa: E731
+    matmul = "vlm_cpu_matmul_bf16"
+    assert _uses_kernel(mm, _bf16(rng, 2, 3, 128), w)  # [B, T, K] activations: 6 rows, a decode step
+    assert not _uses_kernel(mm, _bf16(rng, 2, 3, 128), w, kernel=matmul)
+    prompt = _bf16(rng, 2, cpu_kernels.MAX_ROWS // 2 + 1, 128)  # [B, T, K], one row more: a prefill
+    assert _uses_kernel(mm, prompt, w, kernel=matmul) and not _uses_kernel(mm, prompt, w)
+    assert _uses_kernel(mm, _bf16(rng, cpu_kernels.MAX_MATMUL_ROWS, 128), w, kernel=matmul)
+    big = _bf16(rng, cpu_kernels.MAX_MATMUL_ROWS + 1, 128)  # XLA's GEMM is as fast here
+    assert not _uses_kernel(mm, big, w, kernel=matmul) and not _uses_kernel(mm, big, w)
+    int8, scale = jnp.ones((64, 128), jnp.int8), jnp.ones((64,), jnp.float32)
+    assert _uses_kernel(mm, jnp.ones((16, 128)), int8, scale, kernel="vlm_cpu_matvec_int8")
+    assert not _uses_kernel(mm, jnp.ones((17, 128)), int8, scale, kernel="custom_call")  # int8 prefill: XLA
+    assert not _uses_kernel(mm, jnp.ones((1, 128)), w.astype(jnp.float32), kernel="custom_call")  # f32: XLA
+    assert not _uses_kernel(mm, _bf16(rng, 1, 100), _bf16(rng, 64, 100), kernel="custom_call")  # K % 32 != 0
     monkeypatch.setenv("VLM_CPU_KERNELS", "0")
     jax.clear_caches()  # the choice is made while tracing
-    assert not _uses_kernel(mm, _bf16(rng, 1, 128), w)
+    assert not _uses_kernel(mm, _bf16(rng, 1, 128), w, kernel="custom_call")
+    assert not _uses_kernel(mm, prompt, w, kernel="custom_call")
     jax.clear_caches()
 
 

@@ -1,15 +1,15 @@
-// A decode step on a CPU (vlm/cpu_kernels.py says when these are used), as XLA FFI custom calls:
+// The heavy parts of a bf16 (or int8) model on a CPU where XLA:CPU's own are slow, as XLA FFI custom
+// calls (vlm/cpu_kernels.py says when each is used, and how fast):
 // - y = x @ w.T for a few rows of activations x [R, K] and a weight matrix w [N, K] (Hugging Face layout):
-//   bf16 x bf16 accumulated in f32, or int8 x int8 accumulated in int32 (vlm/quantize.py's W8A8, exact);
-// - one query token's attention over a bf16 KV cache (at the end).
+//   bf16 x bf16 accumulated in f32, or int8 x int8 accumulated in int32 (vlm/quantize.py's W8A8, exact).
+//   Decoding a token reads every weight once: this reads each once for all R rows, at memory speed;
+// - one query token's attention over a bf16 KV cache (a decode step);
+// - the vision tower's attention, each patch over the patches of its own image;
+// - y = x @ w.T in bf16 for many rows (a prefill), reading the weights in place (at the end).
 //
-// Why: decoding a token reads every weight once. XLA:CPU's bf16 and int8 products of a few rows are
-// compute-bound at ~16 and ~14 GB/s of weights on a 2-core AVX-512 EPYC, under half its memory
-// bandwidth; this reads each weight once for all R rows, at memory speed.
-//
-// Numerics: every y[r, n] is one accumulator over k and a fixed-order lane sum, the same instructions
-// whatever R is and however the work is split between threads, so a row's result does not depend on
-// the other rows of the batch (the streaming and scan samplers give the same tokens).
+// Numerics: every y[r, n] is one accumulator over k (and in the decode product a fixed-order lane sum),
+// the same instructions whatever R is and however the work is split between threads, so a row's result
+// does not depend on the other rows of the batch (the streaming and scan samplers give the same tokens).
 //
 // Threads: the work is split into chunks (of weight rows; of (row, kv head) pairs) that the calling
 // thread and XLA's intra-op thread pool take in turn; the caller waits only for chunks another took.
@@ -290,15 +290,10 @@ ffi::Error AttendOneQuery(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::B
 }
 
 
-// ---------------------------------------------------------------- attention within segments (vision)
-// softmax(q k^T * scale) v for every head, each query over the keys of its own segment (the image it
-// belongs to; -1 = padding) of a packed batch: the vision tower's attention. q/k/v [N, H, D] bf16 (D
-// even), segment [N] int32 -> out [N, H, D] bf16. Numerics as vlm.ops.segment_attention's XLA path:
-// scores in f32, probabilities rounded to bf16, their sum of V in f32, rounded to bf16.
-// Work: a head's K and V are first packed so that one vector op takes a pair of bf16 from each of 16
-// keys (or 16 dims) against a broadcast pair of q (or of probabilities); then each task takes a block of
-// query rows of one head, scores only the keys of its rows' segments, softmaxes them in place and sums V.
-
+// ---------------------------------------------------------------- products of bf16 pairs
+// The inner loop of the vision attention and of the product of many rows: a pair of bf16 (two
+// consecutive k) of one row, broadcast, against the same pair of 16 rows of the other operand, packed
+// side by side in one vector ("pairs" below are such 32-bit words; bf16 data read as uint32).
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 struct PairDot {  // 16 f32 lanes += a.lo * b.lo + a.hi * b.hi over bf16 pairs (vdpbf16ps)
   using Acc = __m512;
@@ -307,6 +302,7 @@ struct PairDot {  // 16 f32 lanes += a.lo * b.lo + a.hi * b.hi over bf16 pairs (
   static Pairs load(const uint32_t* p) { return (Pairs)_mm512_loadu_si512(p); }
   static Pairs broadcast(uint32_t pair) { return (Pairs)_mm512_set1_epi32(int(pair)); }
   static Acc madd(Acc acc, Pairs a, Pairs b) { return _mm512_dpbf16_ps(acc, a, b); }
+  static Acc load_f32(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, Acc acc) { _mm512_storeu_ps(p, acc); }
 };
 #else
@@ -327,74 +323,65 @@ struct PairDot {  // the same in portable vector code
     std::memcpy(&alo, &al, 64), std::memcpy(&ahi, &ah, 64), std::memcpy(&blo, &bl, 64), std::memcpy(&bhi, &bh, 64);
     return acc + alo * blo + ahi * bhi;
   }
+  static Acc load_f32(const float* p) {
+    Acc v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
   static void store(float* p, Acc acc) { std::memcpy(p, &acc, sizeof acc); }
 };
 #endif
 
-constexpr int kKeys = 16;      // keys per packed K block: one vector of scores
-constexpr int kQueryRows = 32; // query rows per task
-
-// s[r, 16j + l] = q[r] . k[block j, key l] for R query rows and J key blocks. q: R rows of P pairs,
-// `qs` pairs apart; kp: J packed blocks [P pairs][16 keys]; s: rows `ss` floats apart.
-template <int R, int J>
-void score_tile(const uint32_t* q, int64_t qs, const uint32_t* kp, int64_t P, float* s, int64_t ss) {
-  PairDot::Acc acc[R][J];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < J; ++j) acc[r][j] = PairDot::zero();
-  for (int64_t p = 0; p < P; ++p) {
-    PairDot::Pairs kv[J];
-    for (int j = 0; j < J; ++j) kv[j] = PairDot::load(kp + (j * P + p) * kKeys);
-    for (int r = 0; r < R; ++r) {
-      const PairDot::Pairs qb = PairDot::broadcast(q[r * qs + p]);
-      for (int j = 0; j < J; ++j) acc[r][j] = PairDot::madd(acc[r][j], kv[j], qb);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < J; ++j) PairDot::store(s + r * ss + j * kKeys, acc[r][j]);
-}
-
-// o[r, :16C] = sum over key pairs t of probs[r, pair t] . v[pair t] for R rows. probs: R rows of T
-// pairs, `ps` pairs apart; vp: T packed pairs [16C dims]; o: rows 16C floats apart.
+// o[r, 16c + l] (+)= sum over t < T of a[r, t] . b[t, c, l] for R rows and C vectors: row r's pair t
+// (at a + r * as + t) broadcast against 16 packed pairs (vector c of pair t, at b + t * bt + c * bc),
+// one f32 accumulator vector per (r, c); o's rows `os` floats apart.
 template <int R, int C>
-void value_tile(const uint32_t* probs, int64_t ps, const uint32_t* vp, int64_t T, float* o) {
+void pair_tile(const uint32_t* a, int64_t as, const uint32_t* b, int64_t bt, int64_t bc, int64_t T, float* o,
+               int64_t os, bool accumulate) {
   PairDot::Acc acc[R][C];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = PairDot::zero();
+    for (int c = 0; c < C; ++c) acc[r][c] = accumulate ? PairDot::load_f32(o + r * os + c * 16) : PairDot::zero();
   for (int64_t t = 0; t < T; ++t) {
-    PairDot::Pairs vv[C];
-    for (int c = 0; c < C; ++c) vv[c] = PairDot::load(vp + (t * C + c) * 16);
+    PairDot::Pairs bv[C];
+    for (int c = 0; c < C; ++c) bv[c] = PairDot::load(b + t * bt + c * bc);
     for (int r = 0; r < R; ++r) {
-      const PairDot::Pairs pb = PairDot::broadcast(probs[r * ps + t]);
-      for (int c = 0; c < C; ++c) acc[r][c] = PairDot::madd(acc[r][c], vv[c], pb);
+      const PairDot::Pairs av = PairDot::broadcast(a[r * as + t]);
+      for (int c = 0; c < C; ++c) acc[r][c] = PairDot::madd(acc[r][c], bv[c], av);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) PairDot::store(o + (r * C + c) * 16, acc[r][c]);
+    for (int c = 0; c < C; ++c) PairDot::store(o + r * os + c * 16, acc[r][c]);
 }
 
-// score_tile<r, j> for r <= R, j <= J known at run time.
-template <int R, int J>
-void score_any(int64_t r, int64_t j, const uint32_t* q, int64_t qs, const uint32_t* kp, int64_t P, float* s,
-               int64_t ss) {
-  if constexpr (R > 1)
-    if (r < R) return score_any<R - 1, J>(r, j, q, qs, kp, P, s, ss);
-  if constexpr (J > 1)
-    if (j < J) return score_any<R, J - 1>(r, j, q, qs, kp, P, s, ss);
-  score_tile<R, J>(q, qs, kp, P, s, ss);
-}
-
+// pair_tile<r, c> for r <= R, c <= C known at run time (the edges).
 template <int R, int C>
-void value_any(int64_t r, const uint32_t* probs, int64_t ps, const uint32_t* vp, int64_t T, float* o) {
+void pair_any(int64_t r, int64_t c, const uint32_t* a, int64_t as, const uint32_t* b, int64_t bt, int64_t bc,
+              int64_t T, float* o, int64_t os, bool accumulate) {
   if constexpr (R > 1)
-    if (r < R) return value_any<R - 1, C>(r, probs, ps, vp, T, o);
-  value_tile<R, C>(probs, ps, vp, T, o);
+    if (r < R) return pair_any<R - 1, C>(r, c, a, as, b, bt, bc, T, o, os, accumulate);
+  if constexpr (C > 1)
+    if (c < C) return pair_any<R, C - 1>(r, c, a, as, b, bt, bc, T, o, os, accumulate);
+  pair_tile<R, C>(a, as, b, bt, bc, T, o, os, accumulate);
 }
 
-// All `rows` rows of o = probs . V, in tiles of up to ~24 accumulators.
+// ---------------------------------------------------------------- attention within segments (vision)
+// softmax(q k^T * scale) v for every head, each query over the keys of its own segment (the image it
+// belongs to; -1 = padding) of a packed batch: the vision tower's attention. q/k/v [N, H, D] bf16 (D
+// even), segment [N] int32 -> out [N, H, D] bf16. Numerics as vlm.ops.segment_attention's XLA path:
+// scores in f32, probabilities rounded to bf16, their sum of V in f32, rounded to bf16.
+// Work: a head's K and V are first packed so that one vector op takes a pair of bf16 from each of 16
+// keys (or 16 dims) against a broadcast pair of q (or of probabilities); then each task takes a block of
+// query rows of one head, scores only the keys of its rows' segments, softmaxes them in place and sums V.
+
+constexpr int kKeys = 16;       // keys per packed K block: one vector of scores
+constexpr int kQueryRows = 32;  // query rows per task
+
+// o = probs . V for all `rows` rows (T key pairs, V packed [pair][16C dims]), ~24 accumulators a tile.
 template <int C>
 void values(int64_t rows, const uint32_t* probs, int64_t ps, const uint32_t* vp, int64_t T, float* o) {
   constexpr int R = std::max(1, std::min(8, 24 / C));
-  for (int64_t r = 0; r < rows; r += R) value_any<R, C>(std::min<int64_t>(R, rows - r), probs + r * ps, ps, vp, T, o + r * C * 16);
+  for (int64_t r = 0; r < rows; r += R)
+    pair_any<R, C>(std::min<int64_t>(R, rows - r), C, probs + r * ps, ps, vp, 16 * C, 16, T, o + r * C * 16, C * 16, false);
 }
 
 // probs[:W] = softmax(s[a:b] * scale) rounded to bf16, zero outside [a, b); W a multiple of 16, s is
@@ -491,8 +478,8 @@ ffi::Error SegmentAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi:
     const uint32_t* kh = kp.data() + (h * blocks + first) * P * kKeys;
     for (int64_t r = 0; r < rows; r += 8)
       for (int64_t j = 0; j < last - first; j += 3)
-        score_any<8, 3>(std::min<int64_t>(8, rows - r), std::min<int64_t>(3, last - first - j),
-                        qw + ((i0 + r) * H + h) * P, H * P, kh + j * P * kKeys, P, scores.data() + r * W + j * kKeys, W);
+        pair_any<8, 3>(std::min<int64_t>(8, rows - r), std::min<int64_t>(3, last - first - j), qw + ((i0 + r) * H + h) * P,
+                       H * P, kh + j * P * kKeys, kKeys, P * kKeys, P, scores.data() + r * W + j * kKeys, W, false);
     for (int64_t r = 0; r < rows; ++r)
       softmax_row(scores.data() + r * W, probs.data() + r * W, lo[i0 + r] - first * kKeys, hi[i0 + r] - first * kKeys,
                   W, scale);
@@ -500,6 +487,53 @@ ffi::Error SegmentAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi:
                    W / 2, o.data());
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t d = 0; d < D; ++d) op[((i0 + r) * H + h) * D + d] = f32_to_bf16(o[r * Dp + d]);
+  });
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------- product of many rows (prefill)
+// y = x @ w.T for bf16 x [M, K] with many rows (a prompt, the vision tower's patches) and w [N, K]
+// (Hugging Face layout) -> f32 [M, N]. x is packed once, transposed into blocks of 64 rows of bf16 pairs
+// ([M/64][K/2][64]), so that pair_tile takes one pair of a weight row, broadcast, against the same pair
+// of 64 rows of x: the weights are read in place, in their own layout, where a generic GEMM (XLA's)
+// first repacks the whole weight matrix, which is N/M times larger than x. Each task takes kWeightRows
+// rows of w against every row of x, K in blocks that keep x's packed block in L2, the accumulators in a
+// small per-thread scratch [kWeightRows][M] (L1), written to y at the end.
+constexpr int kWeightRows = 6;  // x 4 vectors of 16 rows of x: 24 accumulators
+constexpr int kXBlock = 64;
+constexpr int kTaskRows = 8 * kWeightRows;  // 48 floats of a row of y: 3 cache lines
+
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> y) {
+  const auto wd = w.dimensions();
+  if (wd.size() != 2 || wd[1] % 2 != 0 || x.element_count() % wd[1] != 0)
+    return ffi::Error::InvalidArgument("cpu matmul: expected x [M, K] and w [N, K] with K even");
+  const int64_t N = wd[0], K2 = wd[1] / 2, M = x.element_count() / wd[1];
+  const int64_t blocks = (M + kXBlock - 1) / kXBlock, Mp = blocks * kXBlock;
+  const auto* xw = reinterpret_cast<const uint32_t*>(x.untyped_data());
+  const auto* ww = reinterpret_cast<const uint32_t*>(w.untyped_data());
+  float* yp = y->typed_data();
+  std::vector<uint32_t> xt(Mp * K2);  // [block][pair][64 rows], zero past M
+  parallel_for(pool, blocks, [&](int64_t b) {
+    uint32_t* out = xt.data() + b * K2 * kXBlock;
+    for (int64_t m = 0; m < kXBlock; ++m) {
+      const int64_t row = b * kXBlock + m;
+      for (int64_t p = 0; p < K2; ++p) out[p * kXBlock + m] = row < M ? xw[row * K2 + p] : 0;
+    }
+  });
+  const int64_t kc = std::clamp<int64_t>(262144 / Mp / 16 * 16, 16, 1024);  // pairs a block: x's ~1 MB (L2)
+  // A task: kTaskRows rows of w, whole cache lines of y (threads never write the same line).
+  parallel_for(pool, (N + kTaskRows - 1) / kTaskRows, [&](int64_t task) {
+    thread_local std::vector<float> acc;
+    acc.resize(kWeightRows * Mp);
+    for (int64_t n0 = task * kTaskRows; n0 < std::min(N, (task + 1) * kTaskRows); n0 += kWeightRows) {
+      const int64_t rows = std::min<int64_t>(kWeightRows, N - n0);
+      for (int64_t k0 = 0; k0 < K2; k0 += kc)
+        for (int64_t b = 0; b < blocks; ++b)
+          pair_any<kWeightRows, kXBlock / 16>(rows, kXBlock / 16, ww + n0 * K2 + k0, K2, xt.data() + (b * K2 + k0) * kXBlock,
+                                             kXBlock, 16, std::min(kc, K2 - k0), acc.data() + b * kXBlock, Mp, k0 > 0);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t r = 0; r < rows; ++r) yp[m * N + n0 + r] = acc[r * Mp + m];
+    }
   });
   return ffi::Error::Success();
 }
@@ -529,3 +563,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmCpuSegmentAttentionBf16, SegmentAttention,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::BF16>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmCpuMatmulBf16, Matmul, VLM_BINDING(ffi::BF16, ffi::F32));

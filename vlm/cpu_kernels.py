@@ -1,15 +1,20 @@
-"""A decode step's heavy parts on a CPU, as small C++ kernels (vlm/cpu_kernels.cc) called through jax.ffi.
+"""The heavy parts of a bf16 (or int8) model on a CPU, as small C++ kernels (vlm/cpu_kernels.cc) called
+through jax.ffi, where XLA:CPU's own are slow:
 
-Decoding a token reads every weight once. XLA:CPU's bf16 product of a few rows gets through ~16 GB/s of
-weights on a 2-core AVX-512 EPYC (its int8 one ~14 GB/s), under half the memory bandwidth; the matrix-
-vector kernel reads each weight once for all rows at ~27-43 GB/s (`python benchmarks/kernels.py`), so
-batch-1 decode runs ~1.9x faster in bf16 and ~1.7x with int8 weights (benchmarks/bench.py).
-`vlm.ops.matmul_t` uses it for products of at most `MAX_ROWS` rows (decode steps at batch <= 16) with
-bf16 or int8 weights; prefill, the vision tower and f32 weights (XLA is at memory speed there) keep XLA's
-products. The int8 product is exact, the same integers as XLA's; the bf16 one differs by f32 rounding.
-`vlm.ops.attention` uses the second kernel for one query token over a bf16 KV cache (XLA's batched bf16
-dots read the cache slowly: at batch 8 x 384 slots they took a quarter of the step).
-Both run on a single CPU device only (not on a mesh).
+- products of a few rows (decode steps, batch <= `MAX_ROWS`): decoding a token reads every weight once.
+  XLA's bf16 product of a few rows gets through ~16 GB/s of weights on a 2-core AVX-512 EPYC (int8: ~14
+  GB/s), under half the memory bandwidth; the matrix-vector kernel reads each weight once for all rows
+  at ~27-43 GB/s (`python benchmarks/kernels.py`): batch-1 decode ~1.9x faster in bf16, ~1.7x in int8.
+  The int8 product is exact, the same integers as XLA's; the bf16 one differs by f32 rounding;
+- bf16 products of up to `MAX_MATMUL_ROWS` rows (a prompt's prefill, small images' vision tower, the
+  mergers): XLA's GEMM repacks the whole weight matrix at every call, ~360 GFLOP/s at 256 rows; the
+  kernel packs the rows instead and reads the weights in place, ~390-410 (XLA's is as fast from ~600);
+- one query token's attention over a bf16 KV cache (XLA's batched bf16 dots read the cache slowly: at
+  batch 8 x 384 slots they took a quarter of the step);
+- the vision tower's attention, each patch over its own image's patches (XLA's: ~40 ms a layer at 896
+  patches, a third of the 2B tower; the kernel's ~11 ms).
+`vlm.ops` decides while tracing, on a single CPU device only (not on a mesh); f32 weights keep XLA's
+products (at memory speed there).
 
 They are compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`; ~3 s, once) against
 the XLA FFI headers that ship with jaxlib, for this CPU (-march=native: vdpbf16ps / vpdpwssd with
@@ -34,13 +39,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MAX_ROWS = 16  # above this (prefill) XLA's matrix-matrix product is the faster one
+MAX_ROWS = 16  # products of at most this many rows: the matrix-vector kernel (decode)
+MAX_MATMUL_ROWS = 512  # bf16 products of more: the matrix-matrix kernel up to this many, XLA's above
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 # weight dtype -> (FFI target, exported symbol, result dtype)
 _KERNELS = {jnp.dtype(jnp.bfloat16): ("vlm_cpu_matvec_bf16", "VlmCpuMatvecBf16", jnp.float32),
             jnp.dtype(jnp.int8): ("vlm_cpu_matvec_int8", "VlmCpuMatvecInt8", jnp.int32)}
 _ATTENTION = ("vlm_cpu_attend_one_query_bf16", "VlmCpuAttendOneQueryBf16")
 _SEGMENT_ATTENTION = ("vlm_cpu_segment_attention_bf16", "VlmCpuSegmentAttentionBf16")
+_MATMUL = ("vlm_cpu_matmul_bf16", "VlmCpuMatmulBf16")
 
 
 def enabled() -> bool:
@@ -49,12 +56,12 @@ def enabled() -> bool:
 
 
 def applies(x: jax.Array, w: jax.Array) -> bool:
-    """Whether `vlm.ops.matmul_t(x, w)` runs on the kernel: bf16 x and w, or int8 w (x then goes to int8
-    per row, vlm/quantize.py); at most MAX_ROWS rows; a multiple of 32 columns (all of Qwen3-VL's); one
-    CPU device; not disabled; built. Decided while tracing, so it costs nothing at run time."""
+    """Whether `vlm.ops.matmul_t(x, w)` runs on a kernel: bf16 x and w (up to MAX_MATMUL_ROWS rows), or
+    int8 w (x then goes to int8 per row, vlm/quantize.py; up to MAX_ROWS rows); a multiple of 32 columns
+    (all of Qwen3-VL's); one CPU device; not disabled; built. Decided while tracing: no cost at run time."""
     rows = x.size // x.shape[-1]
-    kinds = w.dtype == jnp.int8 or x.dtype == w.dtype == jnp.bfloat16
-    return kinds and w.ndim == 2 and w.shape[1] % 32 == 0 and rows <= MAX_ROWS and _usable()
+    most = MAX_ROWS if w.dtype == jnp.int8 else MAX_MATMUL_ROWS if x.dtype == w.dtype == jnp.bfloat16 else 0
+    return w.ndim == 2 and w.shape[1] % 32 == 0 and rows <= most and _usable()
 
 
 def attention_applies(k: jax.Array) -> bool:
@@ -90,8 +97,11 @@ def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment: jax.Arr
 
 
 def matmul_t(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., K] @ w.T for w [N, K]: bf16 x bf16 -> f32, int8 x int8 -> int32 (exact), [..., N]."""
+    """x [..., K] @ w.T for w [N, K]: bf16 x bf16 -> f32, int8 x int8 -> int32 (exact), [..., N]; the
+    matrix-vector kernel up to MAX_ROWS rows, the matrix-matrix one (bf16) above."""
     target, _, out = _KERNELS[jnp.dtype(w.dtype)]
+    if x.size // x.shape[-1] > MAX_ROWS:
+        target = _MATMUL[0]
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]), out))(x, w)
 
 
@@ -123,7 +133,7 @@ def _build_and_register() -> bool:
 
 def register(lib: ctypes.CDLL, prefix: str = "") -> None:
     """Register `lib`'s kernels as FFI targets (named `prefix` + the usual name)."""
-    for target, symbol in [(t, s) for t, s, _ in _KERNELS.values()] + [_ATTENTION, _SEGMENT_ATTENTION]:
+    for target, symbol in [(t, s) for t, s, _ in _KERNELS.values()] + [_ATTENTION, _SEGMENT_ATTENTION, _MATMUL]:
         jax.ffi.register_ffi_target(prefix + target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
 
 
