@@ -17,7 +17,7 @@ from PIL import Image
 from vlm import SamplingConfig, cpu_kernels, load_model, prepare_inputs, sample, sample_streaming
 from vlm import model as M
 from vlm import sampling as S
-from vlm.ops import attention, matmul_t, segment_attention
+from vlm.ops import attention, matmul_t, segment_attention, segment_ranges
 
 
 def _bf16(rng, *shape):
@@ -74,11 +74,11 @@ def test_portable_build_agrees_with_the_native_one():
     native = np.asarray(jax.jit(cpu_kernels.matmul_t)(x, w))
     call = jax.ffi.ffi_call("portable_vlm_cpu_matmul_bf16", jax.ShapeDtypeStruct(native.shape, native.dtype))
     assert np.array_equal(np.asarray(jax.jit(call)(x, w)), native)
-    q, k, v = (_bf16(rng, 40, 2, 24) for _ in range(3))
-    segment = jnp.asarray(np.repeat([0, 1, -1], [17, 19, 4]), jnp.int32)
-    native = np.asarray(jax.jit(cpu_kernels.segment_attention, static_argnums=4)(q, k, v, segment, 0.2), np.float32)
-    call = jax.ffi.ffi_call("portable_vlm_cpu_segment_attention_bf16", jax.ShapeDtypeStruct(q.shape, jnp.bfloat16))
-    portable = np.asarray(jax.jit(lambda *a: call(*a, scale=np.float32(0.2)))(q, k, v, segment), np.float32)
+    q, k, v = _bf16(rng, 2, 40, 4, 24), _bf16(rng, 2, 2, 40, 24), _bf16(rng, 2, 2, 40, 24)
+    lo, hi = (jnp.asarray(np.tile(r, (2, 1)), jnp.int32) for r in np.repeat([[0, 17, 36], [17, 36, 40]], [17, 19, 4], 1))
+    native = np.asarray(jax.jit(cpu_kernels.range_attention, static_argnums=5)(q, k, v, lo, hi, 0.2), np.float32)
+    call = jax.ffi.ffi_call("portable_vlm_cpu_range_attention_bf16", jax.ShapeDtypeStruct(q.shape, jnp.bfloat16))
+    portable = np.asarray(jax.jit(lambda *a: call(*a, scale=np.float32(0.2)))(q, k, v, lo, hi), np.float32)
     np.testing.assert_allclose(portable, native, rtol=0, atol=2**-7 * np.abs(native).max())  # bf16 rounding
 
 
@@ -125,21 +125,14 @@ def test_decode_attention_kernel_matches_xlas(monkeypatch):
     b, kv, g, d, slots = 3, 2, 4, 128, 200
     q = _bf16(rng, b, 1, kv, g, d)
     k, v = _bf16(rng, b, kv, slots, d), _bf16(rng, b, kv, slots, d)
-    slot = np.arange(slots)
-    mask = jnp.asarray((slot >= np.array([[0], [30], [100]])) & (slot <= 150))[:, None, :]
+    lo, hi = jnp.asarray([[0], [30], [100]], jnp.int32), jnp.full((b, 1), 151, jnp.int32)
 
-    def attend(q, k, v, mask):
-        return attention(q, k, v, mask)
-
-    assert "vlm_cpu_attend_one_query_bf16" in jax.jit(attend).lower(q, k, v, mask).as_text()
-    ours = np.asarray(jax.jit(attend)(q, k, v, mask), np.float32)
-    monkeypatch.setenv("VLM_CPU_KERNELS", "0")
-    jax.clear_caches()
-    xla = np.asarray(jax.jit(attend)(q, k, v, mask), np.float32)
-    jax.clear_caches()
+    assert "vlm_cpu_attend_one_query_bf16" in jax.jit(attention).lower(q, k, v, lo, hi).as_text()
+    ours = np.asarray(jax.jit(attention)(q, k, v, lo, hi), np.float32)
+    xla = np.asarray(_xla_only(attention, q, k, v, lo, hi), np.float32)
     assert ours.shape == xla.shape == (b, 1, kv * g * d)
     np.testing.assert_allclose(ours, xla, rtol=0, atol=2**-8 * np.abs(xla).max())  # a bf16 rounding at most
-    alone = np.asarray(jax.jit(attend)(q[1:2], k[1:2], v[1:2], mask[1:2]), np.float32)
+    alone = np.asarray(jax.jit(attention)(q[1:2], k[1:2], v[1:2], lo[1:2], hi[1:2]), np.float32)
     assert np.array_equal(alone[0], ours[1])
 
 
@@ -156,13 +149,16 @@ def _xla_only(fn, *args):
 
 @pytest.mark.parametrize("runs,heads,d", [([196, 180, -28], 16, 64), ([50, 14, 11], 2, 16), ([100, -12], 3, 72),
                                           ([33], 1, 128)])
-def test_segment_attention_kernel_matches_xlas(runs, heads, d):
+def test_vision_attention_kernel_matches_xlas(runs, heads, d):
     """The vision tower's attention: images of any size packed one after another (a negative run is
     padding, segment -1), any head_dim of Qwen3-VL's towers (2B: 64, 4B/8B: 72; tiny: 16)."""
     rng = np.random.default_rng(d)
     segment = jnp.asarray(np.concatenate([np.full(abs(n), i if n > 0 else -1) for i, n in enumerate(runs)]), jnp.int32)
     q, k, v = (_bf16(rng, len(segment), heads, d) * 2 for _ in range(3))
-    assert "vlm_cpu_segment_attention_bf16" in jax.jit(segment_attention).lower(q, k, v, segment).as_text()
+    lo, hi = (np.asarray(a)[:, None] for a in segment_ranges(segment))
+    slot = np.arange(len(segment))
+    assert np.array_equal((slot >= lo) & (slot < hi), np.asarray(segment)[:, None] == np.asarray(segment)[None])
+    assert "vlm_cpu_range_attention_bf16" in jax.jit(segment_attention).lower(q, k, v, segment).as_text()
     ours = np.asarray(jax.jit(segment_attention)(q, k, v, segment), np.float32)
     xla = np.asarray(_xla_only(segment_attention, q, k, v, segment), np.float32)
     assert ours.shape == xla.shape == q.shape
@@ -173,10 +169,30 @@ def test_segment_attention_kernel_matches_xlas(runs, heads, d):
     assert np.array_equal(alone, ours[:first])
 
 
-def test_segment_attention_kernel_refuses_a_split_segment():
-    q = jnp.ones((8, 1, 16), jnp.bfloat16)
-    with pytest.raises(Exception, match="one run of rows"):
-        jax.block_until_ready(jax.jit(segment_attention)(q, q, q, jnp.asarray([0, 0, 1, 1, 0, 0, 2, 2], jnp.int32)))
+def test_prompt_attention_kernel_matches_xlas():
+    """A prefill's: causal after each row's left padding, grouped-query (16 query heads over 8 kv heads)."""
+    rng = np.random.default_rng(5)
+    b, t, kv, g, d = 3, 70, 8, 2, 128
+    q, k, v = _bf16(rng, b, t, kv, g, d), _bf16(rng, b, kv, t, d), _bf16(rng, b, kv, t, d)
+    lo, hi = M.prefill_ranges(jnp.asarray([0, 5, 69], jnp.int32), t)
+    _check_range_attention(q, k, v, lo, hi)
+
+
+def _check_range_attention(q, k, v, lo, hi):
+    assert "vlm_cpu_range_attention_bf16" in jax.jit(attention).lower(q, k, v, lo, hi).as_text()
+    ours = np.asarray(jax.jit(attention)(q, k, v, lo, hi), np.float32)
+    xla = np.asarray(_xla_only(attention, q, k, v, lo, hi), np.float32)
+    assert ours.shape == xla.shape == (*q.shape[:2], np.prod(q.shape[2:]))
+    np.testing.assert_allclose(ours, xla, rtol=0, atol=2**-7 * np.abs(xla).max())  # a bf16 rounding at most
+    assert (ours != xla).mean() < 0.01
+
+
+def test_range_attention_kernel_refuses_an_empty_range():
+    q = jnp.ones((1, 4, 1, 16), jnp.bfloat16)
+    k = jnp.ones((1, 1, 4, 16), jnp.bfloat16)
+    lo, hi = jnp.asarray([[0, 0, 2, 2]], jnp.int32), jnp.asarray([[1, 2, 2, 4]], jnp.int32)
+    with pytest.raises(Exception, match="key range"):
+        jax.block_until_ready(jax.jit(cpu_kernels.range_attention, static_argnums=5)(q, k, k, lo, hi, 0.25))
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +232,7 @@ def test_bf16_vision_tower_runs_on_the_kernel_and_matches_xla(bf16):
     v = inputs.vision
     args = (params, v.patches, v.pos_taps, v.pos_weights, v.rope_ids, v.segment)
     encode = model.jit(S._encode)
-    assert "vlm_cpu_segment_attention_bf16" in encode.lower(*args).as_text()
+    assert "vlm_cpu_range_attention_bf16" in encode.lower(*args).as_text()
     ours = [np.asarray(a, np.float32) for a in encode(*args)]
     xla = [np.asarray(a, np.float32) for a in _xla_only(lambda *a: S._encode(model.cfg, *a), *args)]
     for a, b in zip(ours, xla):
@@ -239,7 +255,7 @@ def test_bf16_streaming_equals_scan_and_rows_equal_rows_alone(bf16):
 def test_without_a_compiler_it_warns_once_and_uses_xla(tmp_path):
     code = """
 import warnings, jax, jax.numpy as jnp
-from vlm.ops import attention, matmul_t, segment_attention
+from vlm.ops import attention, matmul_t, segment_attention, segment_ranges
 x, w = jnp.ones((1, 64), jnp.bfloat16), jnp.ones((8, 64), jnp.bfloat16)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")

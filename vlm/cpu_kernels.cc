@@ -4,7 +4,8 @@
 //   bf16 x bf16 accumulated in f32, or int8 x int8 accumulated in int32 (vlm/quantize.py's W8A8, exact).
 //   Decoding a token reads every weight once: this reads each once for all R rows, at memory speed;
 // - one query token's attention over a bf16 KV cache (a decode step);
-// - the vision tower's attention, each patch over the patches of its own image;
+// - attention over a range of keys per query: the vision tower's (each patch over its own image's
+//   patches) and a prompt's (causal);
 // - y = x @ w.T in bf16 for many rows (a prefill), reading the weights in place (at the end).
 //
 // Numerics: every y[r, n] is one accumulator over k (and in the decode product a fixed-order lane sum),
@@ -364,14 +365,16 @@ void pair_any(int64_t r, int64_t c, const uint32_t* a, int64_t as, const uint32_
   pair_tile<R, C>(a, as, b, bt, bc, T, o, os, accumulate);
 }
 
-// ---------------------------------------------------------------- attention within segments (vision)
-// softmax(q k^T * scale) v for every head, each query over the keys of its own segment (the image it
-// belongs to; -1 = padding) of a packed batch: the vision tower's attention. q/k/v [N, H, D] bf16 (D
-// even), segment [N] int32 -> out [N, H, D] bf16. Numerics as vlm.ops.segment_attention's XLA path:
-// scores in f32, probabilities rounded to bf16, their sum of V in f32, rounded to bf16.
-// Work: a head's K and V are first packed so that one vector op takes a pair of bf16 from each of 16
-// keys (or 16 dims) against a broadcast pair of q (or of probabilities); then each task takes a block of
-// query rows of one head, scores only the keys of its rows' segments, softmaxes them in place and sums V.
+// ---------------------------------------------------------------- attention over key ranges (prefill)
+// softmax(q k^T * scale) v where each query attends to one contiguous range of key slots [lo, hi): the
+// vision tower's attention (each patch over its own image's patches) and a prompt's (causal, from the
+// row's first real slot). q [B, T, H, D], k/v [B, Hk, S, D] (the KV cache's layout; H a multiple of Hk:
+// grouped-query), lo/hi [B, T] int32 -> out [B, T, H, D] bf16, D even and at most 128. Numerics as
+// vlm.ops.attention's XLA path: scores in f32, probabilities rounded to bf16, their sum of V in f32,
+// rounded to bf16. Work: each (row, kv head)'s K and V are first packed so that one vector op takes a
+// pair of bf16 from each of 16 keys (or 16 dims) against a broadcast pair of q (or of probabilities);
+// then each task takes a block of query rows of one (row, head), scores only the keys of their ranges,
+// softmaxes them in place and sums V.
 
 constexpr int kKeys = 16;       // keys per packed K block: one vector of scores
 constexpr int kQueryRows = 32;  // query rows per task
@@ -419,74 +422,68 @@ void softmax_row(float* s, uint16_t* probs, int64_t a, int64_t b, int64_t W, flo
 using ValuesFn = void (*)(int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t, float*);
 constexpr ValuesFn kValues[] = {values<1>, values<2>, values<3>, values<4>, values<5>, values<6>, values<7>, values<8>};
 
-ffi::Error SegmentAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k,
-                            ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::S32> segment, float scale,
-                            ffi::ResultBuffer<ffi::BF16> out) {
-  const auto qd = q.dimensions();
-  const auto same = [&](auto dims) { return dims.size() == 3 && std::equal(dims.begin(), dims.end(), qd.begin()); };
-  if (qd.size() != 3 || !same(k.dimensions()) || !same(v.dimensions()) || qd[2] % 2 != 0 || qd[2] > 128 ||
-      segment.element_count() != qd[0])
-    return ffi::Error::InvalidArgument("cpu segment attention: expected q/k/v [N, H, D], D even <= 128, segment [N]");
-  const int64_t N = qd[0], H = qd[1], D = qd[2], P = D / 2, C = (D + 15) / 16, Dp = 16 * C;
-  const int64_t blocks = (N + kKeys - 1) / kKeys, pairs = blocks * kKeys / 2;
-  const auto* qw = reinterpret_cast<const uint32_t*>(q.untyped_data());  // [N, H, P] bf16 pairs
-  const auto* kw = reinterpret_cast<const uint32_t*>(k.untyped_data());
-  const auto* vh = reinterpret_cast<const uint16_t*>(v.untyped_data());
-  const int32_t* seg = segment.typed_data();
+ffi::Error RangeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k,
+                          ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::S32> lo, ffi::Buffer<ffi::S32> hi, float scale,
+                          ffi::ResultBuffer<ffi::BF16> out) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || !std::equal(kd.begin(), kd.end(), vd.begin(), vd.end()) || kd[0] != qd[0] ||
+      kd[3] != qd[3] || qd[2] % kd[1] != 0 || qd[3] % 2 != 0 || qd[3] > 128 ||
+      lo.element_count() != qd[0] * qd[1] || hi.element_count() != qd[0] * qd[1])
+    return ffi::Error::InvalidArgument("cpu attention: expected q [B, T, H, D], k/v [B, Hk, S, D] (D even, <= 128), "
+                                       "lo/hi [B, T]");
+  const int64_t B = qd[0], T = qd[1], H = qd[2], D = qd[3], Hk = kd[1], S = kd[2], group = H / Hk;
+  const int64_t P = D / 2, C = (D + 15) / 16, Dp = 16 * C, blocks = (S + kKeys - 1) / kKeys, pairs = blocks * kKeys / 2;
+  const auto* qw = reinterpret_cast<const uint32_t*>(q.untyped_data());  // [B, T, H, P] bf16 pairs
+  const auto* kw = reinterpret_cast<const uint32_t*>(k.untyped_data());  // [B, Hk, S, P]
+  const auto* vh = reinterpret_cast<const uint16_t*>(v.untyped_data());  // [B, Hk, S, D]
+  const int32_t *lp = lo.typed_data(), *hp = hi.typed_data();
   auto* op = reinterpret_cast<uint16_t*>(out->untyped_data());
+  for (int64_t i = 0; i < B * T; ++i)
+    if (!(0 <= lp[i] && lp[i] < hp[i] && hp[i] <= S))
+      return ffi::Error::InvalidArgument("cpu attention: every query needs a key range 0 <= lo < hi <= S");
 
-  // Each row's keys: the run of rows of its segment, [lo, hi) (vlm.vision packs each image's patches
-  // together; a segment in two runs is an error).
-  std::vector<int64_t> lo(N), hi(N);
-  for (int64_t i = 0, e; i < N; i = e) {
-    for (e = i; e < N && seg[e] == seg[i];) ++e;
-    if (std::find(seg + e, seg + N, seg[i]) != seg + N)
-      return ffi::Error::InvalidArgument("cpu segment attention: each segment must be one run of rows");
-    std::fill(lo.begin() + i, lo.begin() + e, i), std::fill(hi.begin() + i, hi.begin() + e, e);
-  }
-
-  // K per head: [block][pair p][16 keys]; V per head: [key pair][Dp dims] (pairs of keys interleaved);
-  // zero past N and D.
-  std::vector<uint32_t> kp(H * blocks * P * kKeys), vp(H * pairs * Dp);
-  parallel_for(pool, H, [&](int64_t h) {
-    uint32_t* kh = kp.data() + h * blocks * P * kKeys;
+  // K per (row, kv head): [block][pair p][16 keys]; V: [key pair][Dp dims] (pairs of keys interleaved);
+  // zero past S and D.
+  std::vector<uint32_t> kp(B * Hk * blocks * P * kKeys), vp(B * Hk * pairs * Dp);
+  parallel_for(pool, B * Hk, [&](int64_t bk) {
+    uint32_t* kb = kp.data() + bk * blocks * P * kKeys;
+    const uint32_t* ks = kw + bk * S * P;
     for (int64_t b = 0; b < blocks; ++b)
       for (int64_t p = 0; p < P; ++p)
-        for (int64_t l = 0; l < kKeys; ++l) {
-          const int64_t key = b * kKeys + l;
-          kh[(b * P + p) * kKeys + l] = key < N ? kw[(key * H + h) * P + p] : 0;
-        }
-    uint32_t* vo = vp.data() + h * pairs * Dp;
+        for (int64_t l = 0; l < kKeys; ++l) kb[(b * P + p) * kKeys + l] = b * kKeys + l < S ? ks[(b * kKeys + l) * P + p] : 0;
+    uint32_t* vo = vp.data() + bk * pairs * Dp;
+    const uint16_t* vs = vh + bk * S * D;
     for (int64_t t = 0; t < pairs; ++t)
       for (int64_t d = 0; d < Dp; ++d) {
-        const int64_t a = 2 * t, b = 2 * t + 1;
-        const uint32_t va = a < N && d < D ? vh[(a * H + h) * D + d] : 0, vb = b < N && d < D ? vh[(b * H + h) * D + d] : 0;
-        vo[t * Dp + d] = va | (vb << 16);
+        const uint32_t even = 2 * t < S && d < D ? vs[2 * t * D + d] : 0;
+        const uint32_t odd = 2 * t + 1 < S && d < D ? vs[(2 * t + 1) * D + d] : 0;
+        vo[t * Dp + d] = even | (odd << 16);
       }
   });
 
-  const int64_t query_blocks = (N + kQueryRows - 1) / kQueryRows;
-  parallel_for(pool, H * query_blocks, [&](int64_t task) {
-    const int64_t h = task / query_blocks, i0 = task % query_blocks * kQueryRows;
-    const int64_t rows = std::min<int64_t>(kQueryRows, N - i0);
-    const int64_t first = *std::min_element(lo.begin() + i0, lo.begin() + i0 + rows) / kKeys;
-    const int64_t last = (*std::max_element(hi.begin() + i0, hi.begin() + i0 + rows) + kKeys - 1) / kKeys;
+  const int64_t query_blocks = (T + kQueryRows - 1) / kQueryRows;  // tasks: (row, head, query block)
+  parallel_for(pool, B * H * query_blocks, [&](int64_t task) {
+    const int64_t b = task / (H * query_blocks), h = task / query_blocks % H, i0 = task % query_blocks * kQueryRows;
+    const int64_t rows = std::min<int64_t>(kQueryRows, T - i0), bk = b * Hk + h / group;
+    const int32_t *rlo = lp + b * T + i0, *rhi = hp + b * T + i0;
+    const int64_t first = *std::min_element(rlo, rlo + rows) / kKeys;
+    const int64_t last = (*std::max_element(rhi, rhi + rows) + kKeys - 1) / kKeys;
     const int64_t W = (last - first) * kKeys;  // keys scored, from key first * kKeys
     thread_local std::vector<float> scores, o;
     thread_local std::vector<uint16_t> probs;
     scores.resize(kQueryRows * W), probs.resize(kQueryRows * W), o.resize(kQueryRows * Dp);
-    const uint32_t* kh = kp.data() + (h * blocks + first) * P * kKeys;
+    const uint32_t* kb = kp.data() + (bk * blocks + first) * P * kKeys;
     for (int64_t r = 0; r < rows; r += 8)
       for (int64_t j = 0; j < last - first; j += 3)
-        pair_any<8, 3>(std::min<int64_t>(8, rows - r), std::min<int64_t>(3, last - first - j), qw + ((i0 + r) * H + h) * P,
-                       H * P, kh + j * P * kKeys, kKeys, P * kKeys, P, scores.data() + r * W + j * kKeys, W, false);
+        pair_any<8, 3>(std::min<int64_t>(8, rows - r), std::min<int64_t>(3, last - first - j),
+                       qw + ((b * T + i0 + r) * H + h) * P, H * P, kb + j * P * kKeys, kKeys, P * kKeys, P,
+                       scores.data() + r * W + j * kKeys, W, false);
     for (int64_t r = 0; r < rows; ++r)
-      softmax_row(scores.data() + r * W, probs.data() + r * W, lo[i0 + r] - first * kKeys, hi[i0 + r] - first * kKeys,
-                  W, scale);
-    kValues[C - 1](rows, reinterpret_cast<const uint32_t*>(probs.data()), W / 2, vp.data() + (h * pairs + first * kKeys / 2) * Dp,
-                   W / 2, o.data());
+      softmax_row(scores.data() + r * W, probs.data() + r * W, rlo[r] - first * kKeys, rhi[r] - first * kKeys, W, scale);
+    kValues[C - 1](rows, reinterpret_cast<const uint32_t*>(probs.data()), W / 2,
+                   vp.data() + (bk * pairs + first * kKeys / 2) * Dp, W / 2, o.data());
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t d = 0; d < D; ++d) op[((i0 + r) * H + h) * D + d] = f32_to_bf16(o[r * Dp + d]);
+      for (int64_t d = 0; d < D; ++d) op[((b * T + i0 + r) * H + h) * D + d] = f32_to_bf16(o[r * Dp + d]);
   });
   return ffi::Error::Success();
 }
@@ -515,10 +512,11 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ff
   std::vector<uint32_t> xt(Mp * K2);  // [block][pair][64 rows], zero past M
   parallel_for(pool, blocks, [&](int64_t b) {
     uint32_t* out = xt.data() + b * K2 * kXBlock;
-    for (int64_t m = 0; m < kXBlock; ++m) {
-      const int64_t row = b * kXBlock + m;
-      for (int64_t p = 0; p < K2; ++p) out[p * kXBlock + m] = row < M ? xw[row * K2 + p] : 0;
-    }
+    for (int64_t p0 = 0; p0 < K2; p0 += 16)  // 16 pairs of the block's 64 rows at a time: 4 KB, in L1
+      for (int64_t m = 0; m < kXBlock; ++m) {
+        const int64_t row = b * kXBlock + m;
+        for (int64_t p = p0; p < std::min(K2, p0 + 16); ++p) out[p * kXBlock + m] = row < M ? xw[row * K2 + p] : 0;
+      }
   });
   const int64_t kc = std::clamp<int64_t>(262144 / Mp / 16 * 16, 16, 1024);  // pairs a block: x's ~1 MB (L2)
   // A task: kTaskRows rows of w, whole cache lines of y (threads never write the same line).
@@ -554,12 +552,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmCpuAttendOneQueryBf16, AttendOneQuery,
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::F32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmCpuSegmentAttentionBf16, SegmentAttention,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmCpuRangeAttentionBf16, RangeAttention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::BF16>>());

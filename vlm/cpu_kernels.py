@@ -11,8 +11,9 @@ through jax.ffi, where XLA:CPU's own are slow:
   kernel packs the rows instead and reads the weights in place, ~390-410 (XLA's is as fast from ~600);
 - one query token's attention over a bf16 KV cache (XLA's batched bf16 dots read the cache slowly: at
   batch 8 x 384 slots they took a quarter of the step);
-- the vision tower's attention, each patch over its own image's patches (XLA's: ~40 ms a layer at 896
-  patches, a third of the 2B tower; the kernel's ~11 ms).
+- attention over one range of keys per query, a prefill's: the vision tower's (each patch over its own
+  image's patches; XLA's took ~40 ms a layer at 896 patches, a third of the 2B tower, the kernel ~11) and
+  a prompt's (causal, where XLA runs the products in f32).
 `vlm.ops` decides while tracing, on a single CPU device only (not on a mesh); f32 weights keep XLA's
 products (at memory speed there).
 
@@ -46,7 +47,7 @@ _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _KERNELS = {jnp.dtype(jnp.bfloat16): ("vlm_cpu_matvec_bf16", "VlmCpuMatvecBf16", jnp.float32),
             jnp.dtype(jnp.int8): ("vlm_cpu_matvec_int8", "VlmCpuMatvecInt8", jnp.int32)}
 _ATTENTION = ("vlm_cpu_attend_one_query_bf16", "VlmCpuAttendOneQueryBf16")
-_SEGMENT_ATTENTION = ("vlm_cpu_segment_attention_bf16", "VlmCpuSegmentAttentionBf16")
+_RANGE_ATTENTION = ("vlm_cpu_range_attention_bf16", "VlmCpuRangeAttentionBf16")
 _MATMUL = ("vlm_cpu_matmul_bf16", "VlmCpuMatmulBf16")
 
 
@@ -70,9 +71,9 @@ def attention_applies(k: jax.Array) -> bool:
     return k.dtype == jnp.bfloat16 and k.shape[-1] % 16 == 0 and _usable()
 
 
-def segment_attention_applies(k: jax.Array) -> bool:
-    """Whether the vision tower's attention over `k` [N, H, D] runs on the kernel: bf16, D even and at
-    most 128, on one CPU device, not disabled, built."""
+def range_attention_applies(k: jax.Array) -> bool:
+    """Whether attention over key ranges (`range_attention`) runs on the kernel for keys `k` [B, Hk, S, D]:
+    bf16, D even and at most 128, on one CPU device, not disabled, built."""
     return k.dtype == jnp.bfloat16 and k.shape[-1] % 2 == 0 and k.shape[-1] <= 128 and _usable()
 
 
@@ -89,11 +90,12 @@ def attend_one_query(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array, 
     return jax.ffi.ffi_call(_ATTENTION[0], out)(q.astype(k.dtype), k, v, keep, scale=np.float32(scale))
 
 
-def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment: jax.Array, scale: float) -> jax.Array:
-    """softmax(q k^T * scale) v, each query over the keys of its own segment, for bf16 q/k/v [N, H, D]
-    and segment [N] int32 -> bf16 [N, H, D]; as `vlm.ops.segment_attention` computes it."""
+def range_attention(q: jax.Array, k: jax.Array, v: jax.Array, lo: jax.Array, hi: jax.Array, scale: float) -> jax.Array:
+    """softmax(q k^T * scale) v, each query over the key slots [lo, hi) of its row, for bf16 q [B, T, H, D],
+    k/v [B, Hk, S, D] (H a multiple of Hk), lo/hi [B, T] -> bf16 [B, T, H, D]; as `vlm.ops.attention`."""
     out = jax.ShapeDtypeStruct(q.shape, jnp.bfloat16)
-    return jax.ffi.ffi_call(_SEGMENT_ATTENTION[0], out)(q, k, v, segment.astype(jnp.int32), scale=np.float32(scale))
+    return jax.ffi.ffi_call(_RANGE_ATTENTION[0], out)(q.astype(k.dtype), k, v, lo.astype(jnp.int32), hi.astype(jnp.int32),
+                                                      scale=np.float32(scale))
 
 
 def matmul_t(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -133,7 +135,7 @@ def _build_and_register() -> bool:
 
 def register(lib: ctypes.CDLL, prefix: str = "") -> None:
     """Register `lib`'s kernels as FFI targets (named `prefix` + the usual name)."""
-    for target, symbol in [(t, s) for t, s, _ in _KERNELS.values()] + [_ATTENTION, _SEGMENT_ATTENTION, _MATMUL]:
+    for target, symbol in [(t, s) for t, s, _ in _KERNELS.values()] + [_ATTENTION, _RANGE_ATTENTION, _MATMUL]:
         jax.ffi.register_ffi_target(prefix + target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
 
 

@@ -71,7 +71,7 @@ def mrope_cos_sin(positions: jax.Array, cfg: TextConfig, dtype) -> tuple[jax.Arr
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
-def _self_attn(x, p: Params, cos, sin, mask, layer_cache: tuple[jax.Array, jax.Array] | None, write_index,
+def _self_attn(x, p: Params, cos, sin, ranges, layer_cache: tuple[jax.Array, jax.Array] | None, write_index,
                from_cache: bool, cfg: TextConfig):
     """Attention block; writes this call's keys/values into `layer_cache` (k, v) at `write_index`."""
     b, t, _ = x.shape
@@ -86,7 +86,7 @@ def _self_attn(x, p: Params, cos, sin, mask, layer_cache: tuple[jax.Array, jax.A
                             for c, new in zip(layer_cache, (keys, values)))
         if from_cache:  # decode: attend over the whole cache; prefill attends to its own keys
             keys, values = layer_cache
-    out = attention(q.reshape(b, t, kv, group, hd), keys, values, mask)  # [B, T, H*D]
+    out = attention(q.reshape(b, t, kv, group, hd), keys, values, *ranges)  # [B, T, H*D]
     return linear(out, p["o_proj"]), layer_cache
 
 
@@ -94,15 +94,16 @@ def _mlp(x, p: Params) -> jax.Array:
     return linear(jax.nn.silu(linear(x, p["gate_proj"])) * linear(x, p["up_proj"]), p["down_proj"])
 
 
-def decoder(params: Params, cfg: TextConfig, x, positions, mask, cache=None, write_index=0, deepstack=None,
+def decoder(params: Params, cfg: TextConfig, x, positions, ranges, cache=None, write_index=0, deepstack=None,
             from_cache: bool = False):
-    """Decoder layers + final norm. x [B, T, D]; deepstack [k, B, T, D] is added after layers 0..k-1."""
+    """Decoder layers + final norm. x [B, T, D]; ranges: the key slots [lo, hi) each token attends to,
+    ([B, T], [B, T]); deepstack [k, B, T, D] is added after layers 0..k-1."""
     cos, sin = mrope_cos_sin(positions, cfg, x.dtype)
     new_cache = None if cache is None else {"k": [], "v": []}
     for i, lp in enumerate(params["layers"]):
         layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
         h, layer_cache = _self_attn(rms_norm(x, lp["input_layernorm"]["weight"], cfg.rms_norm_eps), lp["self_attn"],
-                                    cos, sin, mask, layer_cache, write_index, from_cache, cfg)
+                                    cos, sin, ranges, layer_cache, write_index, from_cache, cfg)
         if new_cache is not None:
             new_cache["k"].append(layer_cache[0])
             new_cache["v"].append(layer_cache[1])
@@ -139,11 +140,11 @@ def gather_deepstack(deepstack, vision_index):
     return rows[:, vision_index]
 
 
-def prefill_mask(start: jax.Array, length: int) -> jax.Array:
-    """Causal mask over left-padded rows [B, T, T]; padding slots attend to themselves only."""
-    slot = jnp.arange(length)
-    causal = (slot[None, :, None] >= slot[None, None, :]) & (slot[None, None, :] >= start[:, None, None])
-    return causal | (slot[:, None] == slot[None, :])[None]
+def prefill_ranges(start: jax.Array, length: int) -> tuple[jax.Array, jax.Array]:
+    """The key slots [lo, hi) each prompt slot attends to, ([B, T], [B, T]): causal over left-padded rows,
+    from the row's first real slot `start`; padding slots attend to themselves only."""
+    slot = jnp.arange(length)[None, :]
+    return jnp.where(slot >= start[:, None], start[:, None], slot), jnp.broadcast_to(slot + 1, (start.shape[0], length))
 
 
 def forward(params: Params, cfg: ModelConfig, ids, positions, start, vision_embeds=None, deepstack=None,
@@ -151,15 +152,14 @@ def forward(params: Params, cfg: ModelConfig, ids, positions, start, vision_embe
     """Prompt forward. Returns final hidden states [B, T, D] and the cache with slots [0, T) filled."""
     x = embed(params, ids, vision_embeds, vision_index)
     ds = gather_deepstack(deepstack, vision_index) if deepstack is not None else None
-    mask = prefill_mask(start, ids.shape[1])
-    return decoder(params["language_model"], cfg.text, x, positions, mask, cache, 0, ds)
+    ranges = prefill_ranges(start, ids.shape[1])
+    return decoder(params["language_model"], cfg.text, x, positions, ranges, cache, 0, ds)
 
 
 def decode(params: Params, cfg: ModelConfig, token, position, start, write_index, cache: Cache):
     """One token per row: token [B], position [B] (mRoPE, text so T=H=W), writes slot `write_index`."""
     x = embed(params, token[:, None])
-    slot = jnp.arange(cache["k"][0].shape[2])
-    mask = ((slot[None, :] >= start[:, None]) & (slot[None, :] <= write_index))[:, None, :]  # [B, 1, S]
+    ranges = start[:, None], jnp.broadcast_to(write_index + 1, start.shape)[:, None]  # the row's slots so far
     positions = jnp.broadcast_to(position[None, :, None], (3, token.shape[0], 1))
-    h, cache = decoder(params["language_model"], cfg.text, x, positions, mask, cache, write_index, from_cache=True)
+    h, cache = decoder(params["language_model"], cfg.text, x, positions, ranges, cache, write_index, from_cache=True)
     return lm_head(params, cfg, h[:, -1]), cache

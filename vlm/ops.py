@@ -79,19 +79,26 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotate_half(x) * sin
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention.
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """Grouped-query attention, each query over one range of key slots [lo, hi) of its row.
 
-    q [B, T, K, G, D], k/v [B, K, S, D], mask [B, T, S] (True = attend) -> [B, T, K*G*D].
-    Scores and softmax in f32, as transformers' eager attention. Both products are batched over
-    (row, kv head) in the cache's own layout, with a kv head's G query heads x T tokens as the rows, so
-    a decode step (T = 1) is a matrix-vector product per head that reads the cache in place.
+    q [B, T, K, G, D], k/v [B, K, S, D], lo/hi [B, T] -> [B, T, K*G*D]: a prompt's (causal from the
+    row's first real slot) or a decode step's (the row's slots so far). Scores and softmax in f32, as transformers' eager
+    attention, probabilities in v's dtype, their sum of V accumulated in f32. Both products are batched
+    over (row, kv head) in the cache's own layout, with a kv head's G query heads x T tokens as the rows,
+    so a decode step (T = 1) is a matrix-vector product per head that reads the cache in place. In bf16
+    on a CPU, vlm/cpu_kernels.cc runs a decode step's (one query over the cache) and a prefill's (which
+    scores only each query's range).
     """
     b, t, kv, g, d = q.shape
+    slot = jnp.arange(k.shape[2])
+    mask = (slot >= lo[..., None]) & (slot < hi[..., None])  # [B, T, S]
     if t == 1 and k.dtype == jnp.float32:
         return _attend_one_query(q, k, v, mask)
     if t == 1 and cpu_kernels.attention_applies(k):  # a bf16 decode step on a CPU: vlm/cpu_kernels.cc
         return cpu_kernels.attend_one_query(q[:, 0], k, v, mask[:, 0], d**-0.5).reshape(b, 1, -1).astype(v.dtype)
+    if cpu_kernels.range_attention_applies(k):  # a bf16 prefill on a CPU
+        return cpu_kernels.range_attention(q.reshape(b, t, kv * g, d), k, v, lo, hi, d**-0.5).reshape(b, t, -1)
     rows = jnp.moveaxis(q, 1, 3).reshape(b, kv, g * t, d)  # [B, K, G*T, D]
     scores = jnp.einsum("bkmd,bksd->bkms", rows, k, preferred_element_type=jnp.float32) * d**-0.5
     scores = jnp.where(mask[:, None, None], scores.reshape(b, kv, g, t, -1), jnp.finfo(jnp.float32).min)
@@ -103,16 +110,28 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
 def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment: jax.Array) -> jax.Array:
     """Attention of every query over the keys of its own segment (the vision tower: each patch over the
     patches of its image; padding, segment -1, among itself). q/k/v [N, H, D], segment [N] -> [N, H, D].
-    Scores and softmax in f32, probabilities in v's dtype, their sum of V accumulated in f32.
-    In bf16 on a CPU this runs on vlm/cpu_kernels.cc, which scores only the keys of each query's image:
-    XLA:CPU's takes ~40 ms a layer at 896 patches (2B), ~40 % of the vision tower."""
+    Numerics as `attention`. In bf16 on a CPU this runs on vlm/cpu_kernels.cc, which scores only the keys
+    of each query's image: XLA:CPU's takes ~40 ms a layer at 896 patches (2B), ~40 % of the vision tower."""
     scale = q.shape[-1] ** -0.5
-    if cpu_kernels.segment_attention_applies(k):
-        return cpu_kernels.segment_attention(q, k, v, segment, scale)
+    if cpu_kernels.range_attention_applies(k):
+        lo, hi = segment_ranges(segment)
+        k, v = (jnp.swapaxes(a, 0, 1)[None] for a in (k, v))  # [1, H, N, D]
+        return cpu_kernels.range_attention(q[None], k, v, lo[None], hi[None], scale)[0]
     scores = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where((segment[:, None] == segment[None, :])[None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("hqk,khd->qhd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+
+
+def segment_ranges(segment: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The rows [lo, hi) of each row's segment, ([N], [N]), for segments that are each one run of rows
+    (as `vlm.vision.vision_metadata` packs images and their padding)."""
+    n = segment.shape[0]
+    index = jnp.arange(n)
+    starts = jnp.concatenate([jnp.ones(1, bool), segment[1:] != segment[:-1]])
+    ends = jnp.concatenate([segment[1:] != segment[:-1], jnp.ones(1, bool)])
+    lo = jax.lax.cummax(jnp.where(starts, index, 0))
+    return lo, jax.lax.cummin(jnp.where(ends, index + 1, n), reverse=True)
 
 
 def _attend_one_query(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
