@@ -387,36 +387,32 @@ void values(int64_t rows, const uint32_t* probs, int64_t ps, const uint32_t* vp,
     pair_any<R, C>(std::min<int64_t>(R, rows - r), C, probs + r * ps, ps, vp, 16 * C, 16, T, o + r * C * 16, C * 16, false);
 }
 
-// probs[:W] = softmax(s[a:b] * scale) rounded to bf16, zero outside [a, b); W a multiple of 16, s is
-// overwritten. In 16-lane vectors (GCC does not vectorize the exp's loop by itself).
-void softmax_row(float* s, uint16_t* probs, int64_t a, int64_t b, int64_t W, float scale) {
+// probs[j + shift] = softmax(s[a:b] * scale)[j - a], rounded to bf16, for j in [a, b); zero elsewhere in
+// probs[:W]. s is overwritten and needs 15 floats of slack past b. In 16-lane vectors (GCC does not
+// vectorize the exp's loop by itself) whose lanes start at a: the sum's order, like everything else
+// here, depends only on the row's own range, not on where it sits (its padding, the images before it).
+void softmax_row(float* s, uint16_t* probs, int64_t a, int64_t b, int64_t shift, int64_t W, float scale) {
   const s32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   const auto load = [&](int64_t j) {
     f32x16 v;
     std::memcpy(&v, s + j, sizeof v);
     return v * scale;
   };
-  const auto inside = [&](int64_t j) { return (lane + int32_t(j) >= int32_t(a)) & (lane + int32_t(j) < int32_t(b)); };
+  const auto inside = [&](int64_t j) { return lane + int32_t(j) < int32_t(b); };
   f32x16 top = f32x16{} - INFINITY, total = {};
-  for (int64_t j = a / 16 * 16; j < b; j += 16) top = inside(j) && load(j) > top ? load(j) : top;
+  for (int64_t j = a; j < b; j += 16) top = inside(j) && load(j) > top ? load(j) : top;
   float m = -INFINITY;
   for (int i = 0; i < 16; ++i) m = std::max(m, top[i]);
-  for (int64_t j = 0; j < W; j += 16) {
+  for (int64_t j = a; j < b; j += 16) {
     const f32x16 e = inside(j) ? exp_nonpositive<f32x16, s32x16>(load(j) - m) : f32x16{};
     std::memcpy(s + j, &e, sizeof e);
     total += e;
   }
   float sum = 0.f;
   for (int i = 0; i < 16; ++i) sum += total[i];
-  for (int64_t j = 0; j < W; j += 16) {
-    f32x16 e;
-    std::memcpy(&e, s + j, sizeof e);
-    e /= sum;
-    s32x16 u;
-    std::memcpy(&u, &e, sizeof u);
-    const u16x16 bf = convert<u16x16>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);  // round to nearest even
-    std::memcpy(probs + j, &bf, sizeof bf);
-  }
+  std::fill(probs, probs + W, 0);
+#pragma omp simd
+  for (int64_t j = a; j < b; ++j) probs[j + shift] = f32_to_bf16(s[j] / sum);
 }
 
 using ValuesFn = void (*)(int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t, float*);
@@ -442,23 +438,24 @@ ffi::Error RangeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::B
     if (!(0 <= lp[i] && lp[i] < hp[i] && hp[i] <= S))
       return ffi::Error::InvalidArgument("cpu attention: every query needs a key range 0 <= lo < hi <= S");
 
-  // K per (row, kv head): [block][pair p][16 keys]; V: [key pair][Dp dims] (pairs of keys interleaved);
-  // zero past S and D.
-  std::vector<uint32_t> kp(B * Hk * blocks * P * kKeys), vp(B * Hk * pairs * Dp);
+  // K per (row, kv head): [block][pair p][16 keys], zero past S. V: [key pair][Dp dims] (a pair of keys
+  // interleaved in each 32-bit word), zero past S and D, twice: pairs (2t, 2t + 1) and (2t - 1, 2t), so
+  // that every range's sums of V take its keys in pairs from its own first key.
+  const int64_t vpairs = pairs + 1;
+  std::vector<uint32_t> kp(B * Hk * blocks * P * kKeys), vp(2 * B * Hk * vpairs * Dp);
   parallel_for(pool, B * Hk, [&](int64_t bk) {
     uint32_t* kb = kp.data() + bk * blocks * P * kKeys;
     const uint32_t* ks = kw + bk * S * P;
     for (int64_t b = 0; b < blocks; ++b)
       for (int64_t p = 0; p < P; ++p)
         for (int64_t l = 0; l < kKeys; ++l) kb[(b * P + p) * kKeys + l] = b * kKeys + l < S ? ks[(b * kKeys + l) * P + p] : 0;
-    uint32_t* vo = vp.data() + bk * pairs * Dp;
     const uint16_t* vs = vh + bk * S * D;
-    for (int64_t t = 0; t < pairs; ++t)
-      for (int64_t d = 0; d < Dp; ++d) {
-        const uint32_t even = 2 * t < S && d < D ? vs[2 * t * D + d] : 0;
-        const uint32_t odd = 2 * t + 1 < S && d < D ? vs[(2 * t + 1) * D + d] : 0;
-        vo[t * Dp + d] = even | (odd << 16);
-      }
+    const auto value = [&](int64_t key, int64_t d) -> uint32_t { return 0 <= key && key < S && d < D ? vs[key * D + d] : 0; };
+    for (int64_t odd = 0; odd < 2; ++odd) {
+      uint32_t* vo = vp.data() + (odd * B * Hk + bk) * vpairs * Dp;
+      for (int64_t t = 0; t < vpairs; ++t)
+        for (int64_t d = 0; d < Dp; ++d) vo[t * Dp + d] = value(2 * t - odd, d) | value(2 * t + 1 - odd, d) << 16;
+    }
   });
 
   const int64_t query_blocks = (T + kQueryRows - 1) / kQueryRows;  // tasks: (row, head, query block)
@@ -468,20 +465,24 @@ ffi::Error RangeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::B
     const int32_t *rlo = lp + b * T + i0, *rhi = hp + b * T + i0;
     const int64_t first = *std::min_element(rlo, rlo + rows) / kKeys;
     const int64_t last = (*std::max_element(rhi, rhi + rows) + kKeys - 1) / kKeys;
-    const int64_t W = (last - first) * kKeys;  // keys scored, from key first * kKeys
+    const int64_t W = (last - first) * kKeys, Wp = W + 2;  // keys scored from key first * kKeys; + a shift
     thread_local std::vector<float> scores, o;
     thread_local std::vector<uint16_t> probs;
-    scores.resize(kQueryRows * W), probs.resize(kQueryRows * W), o.resize(kQueryRows * Dp);
+    scores.resize(kQueryRows * W + 16), probs.resize(kQueryRows * Wp), o.resize(kQueryRows * Dp);
     const uint32_t* kb = kp.data() + (bk * blocks + first) * P * kKeys;
     for (int64_t r = 0; r < rows; r += 8)
       for (int64_t j = 0; j < last - first; j += 3)
         pair_any<8, 3>(std::min<int64_t>(8, rows - r), std::min<int64_t>(3, last - first - j),
                        qw + ((b * T + i0 + r) * H + h) * P, H * P, kb + j * P * kKeys, kKeys, P * kKeys, P,
                        scores.data() + r * W + j * kKeys, W, false);
-    for (int64_t r = 0; r < rows; ++r)
-      softmax_row(scores.data() + r * W, probs.data() + r * W, rlo[r] - first * kKeys, rhi[r] - first * kKeys, W, scale);
-    kValues[C - 1](rows, reinterpret_cast<const uint32_t*>(probs.data()), W / 2,
-                   vp.data() + (bk * pairs + first * kKeys / 2) * Dp, W / 2, o.data());
+    for (int64_t r = 0; r < rows; ++r)  // a range from an odd key: its probabilities one later, odd pairs of V
+      softmax_row(scores.data() + r * W, probs.data() + r * Wp, rlo[r] - first * kKeys, rhi[r] - first * kKeys,
+                  rlo[r] & 1, Wp, scale);
+    for (int64_t r0 = 0, r1; r0 < rows; r0 = r1) {  // runs of rows whose ranges start on the same parity
+      for (r1 = r0 + 1; r1 < rows && (rlo[r1] & 1) == (rlo[r0] & 1);) ++r1;
+      const uint32_t* v = vp.data() + (((rlo[r0] & 1) * B * Hk + bk) * vpairs + first * kKeys / 2) * Dp;
+      kValues[C - 1](r1 - r0, reinterpret_cast<const uint32_t*>(probs.data() + r0 * Wp), Wp / 2, v, Wp / 2, o.data() + r0 * Dp);
+    }
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t d = 0; d < D; ++d) op[((b * T + i0 + r) * H + h) * D + d] = f32_to_bf16(o[r * Dp + d]);
   });
@@ -499,6 +500,7 @@ ffi::Error RangeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::B
 constexpr int kWeightRows = 6;  // x 4 vectors of 16 rows of x: 24 accumulators
 constexpr int kXBlock = 64;
 constexpr int kTaskRows = 8 * kWeightRows;  // 48 floats of a row of y: 3 cache lines
+constexpr int kChunkBlocks = 4;  // blocks of x a task takes: 256 rows
 
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> y) {
   const auto wd = w.dimensions();
@@ -518,19 +520,23 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ff
         for (int64_t p = p0; p < std::min(K2, p0 + 16); ++p) out[p * kXBlock + m] = row < M ? xw[row * K2 + p] : 0;
       }
   });
-  const int64_t kc = std::clamp<int64_t>(262144 / Mp / 16 * 16, 16, 1024);  // pairs a block: x's ~1 MB (L2)
-  // A task: kTaskRows rows of w, whole cache lines of y (threads never write the same line).
-  parallel_for(pool, (N + kTaskRows - 1) / kTaskRows, [&](int64_t task) {
+  // A task: kTaskRows rows of w (whole cache lines of y: threads never write the same line) against
+  // kChunkBlocks blocks of x (whose packed pairs, 1 MB at most, stay in L2).
+  const int64_t chunks = (blocks + kChunkBlocks - 1) / kChunkBlocks, kc = 256 * 1024 / 4 / (kChunkBlocks * kXBlock);
+  parallel_for(pool, (N + kTaskRows - 1) / kTaskRows * chunks, [&](int64_t task) {
+    const int64_t col_tasks = (N + kTaskRows - 1) / kTaskRows, col = task % col_tasks;  // chunk by chunk
+    const int64_t b0 = task / col_tasks * kChunkBlocks, b1 = std::min(blocks, b0 + kChunkBlocks), m0 = b0 * kXBlock;
+    const int64_t n1 = std::min(N, (col + 1) * kTaskRows), cols = (b1 - b0) * kXBlock;
     thread_local std::vector<float> acc;
-    acc.resize(kWeightRows * Mp);
-    for (int64_t n0 = task * kTaskRows; n0 < std::min(N, (task + 1) * kTaskRows); n0 += kWeightRows) {
+    acc.resize(kWeightRows * cols);
+    for (int64_t n0 = col * kTaskRows; n0 < n1; n0 += kWeightRows) {
       const int64_t rows = std::min<int64_t>(kWeightRows, N - n0);
       for (int64_t k0 = 0; k0 < K2; k0 += kc)
-        for (int64_t b = 0; b < blocks; ++b)
+        for (int64_t b = b0; b < b1; ++b)
           pair_any<kWeightRows, kXBlock / 16>(rows, kXBlock / 16, ww + n0 * K2 + k0, K2, xt.data() + (b * K2 + k0) * kXBlock,
-                                             kXBlock, 16, std::min(kc, K2 - k0), acc.data() + b * kXBlock, Mp, k0 > 0);
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t r = 0; r < rows; ++r) yp[m * N + n0 + r] = acc[r * Mp + m];
+                                             kXBlock, 16, std::min(kc, K2 - k0), acc.data() + (b - b0) * kXBlock, cols, k0 > 0);
+      for (int64_t m = m0; m < std::min(M, m0 + cols); ++m)
+        for (int64_t r = 0; r < rows; ++r) yp[m * N + n0 + r] = acc[r * cols + m - m0];
     }
   });
   return ffi::Error::Success();

@@ -6,9 +6,10 @@ through jax.ffi, where XLA:CPU's own are slow:
   GB/s), under half the memory bandwidth; the matrix-vector kernel reads each weight once for all rows
   at ~27-43 GB/s (`python benchmarks/kernels.py`): batch-1 decode ~1.9x faster in bf16, ~1.7x in int8.
   The int8 product is exact, the same integers as XLA's; the bf16 one differs by f32 rounding;
-- bf16 products of up to `MAX_MATMUL_ROWS` rows (a prompt's prefill, small images' vision tower, the
-  mergers): XLA's GEMM repacks the whole weight matrix at every call, ~360 GFLOP/s at 256 rows; the
-  kernel packs the rows instead and reads the weights in place, ~390-410 (XLA's is as fast from ~600);
+- bf16 products of more rows (a prefill, the vision tower): XLA's GEMM repacks the whole weight matrix
+  at every call, ~360 GFLOP/s at 256 rows; the kernel packs the rows instead and reads the weights in
+  place, ~390-410 (at 900 rows XLA's is ~5-10 % faster; one kernel for all keeps a row's result
+  independent of the batch it is in);
 - one query token's attention over a bf16 KV cache (XLA's batched bf16 dots read the cache slowly: at
   batch 8 x 384 slots they took a quarter of the step);
 - attention over one range of keys per query, a prefill's: the vision tower's (each patch over its own
@@ -40,8 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MAX_ROWS = 16  # products of at most this many rows: the matrix-vector kernel (decode)
-MAX_MATMUL_ROWS = 512  # bf16 products of more: the matrix-matrix kernel up to this many, XLA's above
+MAX_ROWS = 16  # products of at most this many rows: the matrix-vector kernel (decode); bf16 of more: matmul
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 # weight dtype -> (FFI target, exported symbol, result dtype)
 _KERNELS = {jnp.dtype(jnp.bfloat16): ("vlm_cpu_matvec_bf16", "VlmCpuMatvecBf16", jnp.float32),
@@ -57,12 +57,12 @@ def enabled() -> bool:
 
 
 def applies(x: jax.Array, w: jax.Array) -> bool:
-    """Whether `vlm.ops.matmul_t(x, w)` runs on a kernel: bf16 x and w (up to MAX_MATMUL_ROWS rows), or
-    int8 w (x then goes to int8 per row, vlm/quantize.py; up to MAX_ROWS rows); a multiple of 32 columns
-    (all of Qwen3-VL's); one CPU device; not disabled; built. Decided while tracing: no cost at run time."""
+    """Whether `vlm.ops.matmul_t(x, w)` runs on a kernel: bf16 x and w (any rows), or int8 w (x then goes
+    to int8 per row, vlm/quantize.py; up to MAX_ROWS rows); a multiple of 32 columns (all of Qwen3-VL's);
+    one CPU device; not disabled; built. Decided while tracing, so it costs nothing at run time."""
     rows = x.size // x.shape[-1]
-    most = MAX_ROWS if w.dtype == jnp.int8 else MAX_MATMUL_ROWS if x.dtype == w.dtype == jnp.bfloat16 else 0
-    return w.ndim == 2 and w.shape[1] % 32 == 0 and rows <= most and _usable()
+    kinds = (w.dtype == jnp.int8 and rows <= MAX_ROWS) or x.dtype == w.dtype == jnp.bfloat16
+    return kinds and w.ndim == 2 and w.shape[1] % 32 == 0 and _usable()
 
 
 def attention_applies(k: jax.Array) -> bool:
@@ -94,8 +94,8 @@ def range_attention(q: jax.Array, k: jax.Array, v: jax.Array, lo: jax.Array, hi:
     """softmax(q k^T * scale) v, each query over the key slots [lo, hi) of its row, for bf16 q [B, T, H, D],
     k/v [B, Hk, S, D] (H a multiple of Hk), lo/hi [B, T] -> bf16 [B, T, H, D]; as `vlm.ops.attention`."""
     out = jax.ShapeDtypeStruct(q.shape, jnp.bfloat16)
-    return jax.ffi.ffi_call(_RANGE_ATTENTION[0], out)(q.astype(k.dtype), k, v, lo.astype(jnp.int32), hi.astype(jnp.int32),
-                                                      scale=np.float32(scale))
+    lo, hi = lo.astype(jnp.int32), hi.astype(jnp.int32)
+    return jax.ffi.ffi_call(_RANGE_ATTENTION[0], out)(q.astype(k.dtype), k, v, lo, hi, scale=np.float32(scale))
 
 
 def matmul_t(x: jax.Array, w: jax.Array) -> jax.Array:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig, TextConfig
-from .ops import Params, apply_rope, attention, linear, matmul_t, rms_norm
+from .ops import Params, activation, apply_rope, attention, linear, matmul_t, rms_norm
 
 Cache = dict[str, list[jax.Array]]  # {"k", "v"}: one [B, kv_heads, S, head_dim] array per layer
 
@@ -91,7 +91,7 @@ def _self_attn(x, p: Params, cos, sin, ranges, layer_cache: tuple[jax.Array, jax
 
 
 def _mlp(x, p: Params) -> jax.Array:
-    return linear(jax.nn.silu(linear(x, p["gate_proj"])) * linear(x, p["up_proj"]), p["down_proj"])
+    return linear(activation(jax.nn.silu, linear(x, p["gate_proj"])) * linear(x, p["up_proj"]), p["down_proj"])
 
 
 def decoder(params: Params, cfg: TextConfig, x, positions, ranges, cache=None, write_index=0, deepstack=None,

@@ -17,7 +17,7 @@ def matmul_t(x: jax.Array, w: jax.Array, out_dtype=None, scale: jax.Array | None
     (default: x's dtype). An int8 `w` comes with its per-row `scale` (vlm/quantize.py).
 
     On a CPU, products of bf16 or int8 weights run on vlm/cpu_kernels.cc where it applies (decode steps;
-    bf16 prefill up to 512 rows): the decode kernel reads the weights at memory speed, where XLA:CPU's
+    bf16 prefill): the decode kernel reads the weights at memory speed, where XLA:CPU's
     products of a few rows are compute-bound at under half of it. Otherwise one row is padded to two for
     XLA:CPU's bf16 and int8 products: it runs a single row in a naive loop ~10x slower than its two-row path."""
     out_dtype = out_dtype or x.dtype
@@ -54,6 +54,12 @@ def linear(x: jax.Array, p: Params) -> jax.Array:
     return y + p["bias"] if "bias" in p else y
 
 
+def activation(fn, x: jax.Array) -> jax.Array:
+    """fn(x) computed in f32 and rounded once to x's dtype, as torch computes its bf16 activations; on
+    a CPU XLA's own bf16 tanh, erf and exp run 1.3-2.6x slower than this round trip."""
+    return fn(x.astype(jnp.float32)).astype(x.dtype)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """Qwen3 RMSNorm: normalise in f32, cast back to the input dtype, then scale."""
     xf = x.astype(jnp.float32)
@@ -83,12 +89,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, lo: jax.Array, hi: jax.A
     """Grouped-query attention, each query over one range of key slots [lo, hi) of its row.
 
     q [B, T, K, G, D], k/v [B, K, S, D], lo/hi [B, T] -> [B, T, K*G*D]: a prompt's (causal from the
-    row's first real slot) or a decode step's (the row's slots so far). Scores and softmax in f32, as transformers' eager
-    attention, probabilities in v's dtype, their sum of V accumulated in f32. Both products are batched
-    over (row, kv head) in the cache's own layout, with a kv head's G query heads x T tokens as the rows,
-    so a decode step (T = 1) is a matrix-vector product per head that reads the cache in place. In bf16
-    on a CPU, vlm/cpu_kernels.cc runs a decode step's (one query over the cache) and a prefill's (which
-    scores only each query's range).
+    row's first real slot) or a decode step's (the row's slots so far). Scores and softmax in f32, as
+    transformers' eager attention, probabilities in v's dtype, their sum of V accumulated in f32. Both
+    products are batched over (row, kv head) in the cache's own layout, with a kv head's G query heads x
+    T tokens as the rows, so a decode step (T = 1) is a matrix-vector product per head that reads the
+    cache in place. In bf16 on a CPU, vlm/cpu_kernels.cc runs a decode step's (one query over the cache)
+    and a prefill's (which scores only each query's range).
     """
     b, t, kv, g, d = q.shape
     slot = jnp.arange(k.shape[2])

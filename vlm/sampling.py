@@ -218,16 +218,21 @@ def _start(model: M.Qwen3VL, params, inputs: VLMInputs, cfg: SamplingConfig, rng
     mesh = SH.mesh_of(params)
     if dev is None:
         inputs, dev = _device_inputs(inputs, mesh)
-    vision_embeds = deepstack = None
     if inputs.vision is not None:
         v = dev["vision"]
         vision_embeds, deepstack = model.jit(_encode)(params, v.patches, v.pos_taps, v.pos_weights, v.rope_ids,
                                                       v.segment)
+    else:  # text only: one zero image embedding that no token uses. The prefill is then the same program
+        # as with images, so a text row gets the same numbers alone as beside images (XLA rounds a bf16
+        # residual sum differently when it has the deepstack add to fuse, even of zeros).
+        d, k = model.cfg.text.hidden_size, len(model.cfg.vision.deepstack_visual_indexes)
+        vision_embeds, deepstack = np.zeros((1, d), model.dtype), np.zeros((k, 1, d), model.dtype)
+        if mesh is not None:
+            vision_embeds, deepstack = (SH.place(a, mesh, SH.P()) for a in (vision_embeds, deepstack))
     cache_len = bucket(inputs.prompt_tokens.shape[1] + cfg.max_new_tokens, CACHE_BUCKET_MIN)
     prefill = model.jit(_prefill, static_argnames=("cache_len", "mesh"))
-    vision_index = dev["vision_index"] if inputs.vision is not None else None
     return prefill(params, dev["prompt_tokens"], dev["positions"], dev["start"], vision_embeds, deepstack,
-                   vision_index, rng, *_knobs(cfg), cache_len=cache_len, mesh=mesh)
+                   dev["vision_index"], rng, *_knobs(cfg), cache_len=cache_len, mesh=mesh)
 
 
 def _device_inputs(inputs: VLMInputs, mesh) -> tuple[VLMInputs, dict]:

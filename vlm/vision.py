@@ -7,6 +7,7 @@ jittable function of fixed-shape arrays and compiles once per patch-count bucket
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import jax
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import VisionConfig
-from .ops import Params, apply_rope, layer_norm, linear, segment_attention
+from .ops import Params, activation, apply_rope, layer_norm, linear, segment_attention
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,10 @@ def _rotary(rope_ids: jax.Array, cfg: VisionConfig) -> tuple[jax.Array, jax.Arra
     return jnp.cos(emb), jnp.sin(emb)
 
 
+_gelu_tanh = functools.partial(jax.nn.gelu, approximate=True)  # the blocks' (gelu_pytorch_tanh)
+_gelu_erf = functools.partial(jax.nn.gelu, approximate=False)  # the mergers'
+
+
 def _block(x: jax.Array, p: Params, cos, sin, segment, cfg: VisionConfig) -> jax.Array:
     n = x.shape[0]
     h = layer_norm(x, p["norm1"])
@@ -96,7 +101,7 @@ def _block(x: jax.Array, p: Params, cos, sin, segment, cfg: VisionConfig) -> jax
     k = apply_rope(k.astype(jnp.float32), cos, sin).astype(x.dtype)
     attn = segment_attention(q, k, v, segment).reshape(n, -1)  # within each image; [N, H*D]
     x = x + linear(attn, p["attn"]["proj"])
-    h = jax.nn.gelu(linear(layer_norm(x, p["norm2"]), p["mlp"]["linear_fc1"]), approximate=True)
+    h = activation(_gelu_tanh, linear(layer_norm(x, p["norm2"]), p["mlp"]["linear_fc1"]))
     return x + linear(h, p["mlp"]["linear_fc2"])
 
 
@@ -107,7 +112,7 @@ def _merger(x: jax.Array, p: Params, cfg: VisionConfig, postshuffle: bool) -> ja
         x = layer_norm(x.reshape(-1, window), p["norm"])
     else:
         x = layer_norm(x, p["norm"]).reshape(-1, window)
-    x = jax.nn.gelu(linear(x, p["linear_fc1"]), approximate=False)
+    x = activation(_gelu_erf, linear(x, p["linear_fc1"]))
     return linear(x, p["linear_fc2"])
 
 
