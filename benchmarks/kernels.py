@@ -99,7 +99,8 @@ def main() -> None:
     for name, out, inp in shapes:
         for dtype in (jnp.float32, jnp.bfloat16, jnp.int8):
             for rows in (1, 8, 256):
-                kernel = dtype != jnp.float32 and rows <= cpu_kernels.MAX_ROWS and jax.default_backend() == "cpu"
+                kernel = jax.default_backend() == "cpu" and (  # where vlm.ops.matmul_t may use one
+                    dtype == jnp.bfloat16 or (dtype == jnp.int8 and rows <= cpu_kernels.MAX_ROWS))
                 for by_kernel in (False, True) if kernel else (False,):
                     r = chained_products(rows, out, inp, dtype, kernel=by_kernel)
                     by = "vlm kernel" if by_kernel else "XLA"

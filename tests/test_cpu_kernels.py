@@ -1,5 +1,6 @@
-"""The CPU decode kernel (vlm/cpu_kernels.cc): built here, the exact product of its bf16 inputs, the same
-per row whatever the batch, used by a bf16 decode step (and only where it applies), samplers still agree."""
+"""The CPU kernels (vlm/cpu_kernels.cc): built here; products exact for their bf16 inputs, attention within
+a bf16 rounding of XLA's; a row's result the same whatever the batch; used by bf16 decode steps, prefills
+and the vision tower (and only where they apply); samplers still agree, batch rows equal rows alone."""
 
 import ctypes
 import os
@@ -175,6 +176,17 @@ def test_prompt_attention_kernel_matches_xlas():
     q, k, v = _bf16(rng, b, t, kv, g, d), _bf16(rng, b, kv, t, d), _bf16(rng, b, kv, t, d)
     lo, hi = M.prefill_ranges(jnp.asarray([0, 5, 69], jnp.int32), t)
     _check_range_attention(q, k, v, lo, hi)
+
+
+def test_range_attention_kernel_takes_any_ranges():
+    """Ranges in no order, of any length, over more keys than queries."""
+    rng = np.random.default_rng(6)
+    b, t, s, kv, g, d = 2, 40, 56, 2, 3, 32
+    q, k, v = _bf16(rng, b, t, kv, g, d), _bf16(rng, b, kv, s, d), _bf16(rng, b, kv, s, d)
+    lo = rng.integers(0, s - 1, (b, t))
+    hi = lo + 1 + (rng.integers(0, s, (b, t)) % (s - lo))
+    lo[0, :4], hi[0, :4] = [5, 0, 21, 0], [32, 32, 56, 1]  # a row past a 16-key boundary, then one from key 0
+    _check_range_attention(q, k, v, jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32))
 
 
 def _check_range_attention(q, k, v, lo, hi):

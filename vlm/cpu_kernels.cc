@@ -292,7 +292,7 @@ ffi::Error AttendOneQuery(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::B
 
 
 // ---------------------------------------------------------------- products of bf16 pairs
-// The inner loop of the vision attention and of the product of many rows: a pair of bf16 (two
+// The inner loop of the prefill's attention and of the product of many rows: a pair of bf16 (two
 // consecutive k) of one row, broadcast, against the same pair of 16 rows of the other operand, packed
 // side by side in one vector ("pairs" below are such 32-bit words; bf16 data read as uint32).
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -388,9 +388,9 @@ void values(int64_t rows, const uint32_t* probs, int64_t ps, const uint32_t* vp,
 }
 
 // probs[j + shift] = softmax(s[a:b] * scale)[j - a], rounded to bf16, for j in [a, b); zero elsewhere in
-// probs[:W]. s is overwritten and needs 15 floats of slack past b. In 16-lane vectors (GCC does not
-// vectorize the exp's loop by itself) whose lanes start at a: the sum's order, like everything else
-// here, depends only on the row's own range, not on where it sits (its padding, the images before it).
+// probs[:W]. s[a:b] is overwritten; up to 15 floats past b are read, never changed. In 16-lane vectors
+// (GCC does not vectorize the exp's loop by itself) whose lanes start at a: the sum's order, like all
+// else here, depends only on the row's own range, not on where it sits (its padding, the images before).
 void softmax_row(float* s, uint16_t* probs, int64_t a, int64_t b, int64_t shift, int64_t W, float scale) {
   const s32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   const auto load = [&](int64_t j) {
@@ -405,7 +405,10 @@ void softmax_row(float* s, uint16_t* probs, int64_t a, int64_t b, int64_t shift,
   for (int i = 0; i < 16; ++i) m = std::max(m, top[i]);
   for (int64_t j = a; j < b; j += 16) {
     const f32x16 e = inside(j) ? exp_nonpositive<f32x16, s32x16>(load(j) - m) : f32x16{};
-    std::memcpy(s + j, &e, sizeof e);
+    f32x16 kept;
+    std::memcpy(&kept, s + j, sizeof kept);
+    kept = inside(j) ? e : kept;  // the floats past b (another row's) stay as they are
+    std::memcpy(s + j, &kept, sizeof kept);
     total += e;
   }
   float sum = 0.f;
@@ -549,23 +552,16 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ff
   ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<IN>>().Arg<ffi::Buffer<IN>>().Ret<ffi::Buffer<OUT>>()
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmCpuMatvecBf16, (Matvec<Bf16, ffi::BF16, ffi::F32>), VLM_BINDING(ffi::BF16, ffi::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmCpuMatvecInt8, (Matvec<Int8, ffi::S8, ffi::S32>), VLM_BINDING(ffi::S8, ffi::S32));
+// attention: bf16 q, k and v, then which keys each query takes, and the scale.
+#define VLM_QKV                      \
+  ffi::Ffi::Bind()                   \
+      .Ctx<ffi::ThreadPool>()        \
+      .Arg<ffi::Buffer<ffi::BF16>>() \
+      .Arg<ffi::Buffer<ffi::BF16>>() \
+      .Arg<ffi::Buffer<ffi::BF16>>()
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmCpuAttendOneQueryBf16, AttendOneQuery,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Attr<float>("scale")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              VLM_QKV.Arg<ffi::Buffer<ffi::PRED>>().Attr<float>("scale").Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmCpuRangeAttentionBf16, RangeAttention,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Attr<float>("scale")
+                              VLM_QKV.Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::S32>>().Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::BF16>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmCpuMatmulBf16, Matmul, VLM_BINDING(ffi::BF16, ffi::F32));

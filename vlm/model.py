@@ -143,8 +143,8 @@ def gather_deepstack(deepstack, vision_index):
 def prefill_ranges(start: jax.Array, length: int) -> tuple[jax.Array, jax.Array]:
     """The key slots [lo, hi) each prompt slot attends to, ([B, T], [B, T]): causal over left-padded rows,
     from the row's first real slot `start`; padding slots attend to themselves only."""
-    slot = jnp.arange(length)[None, :]
-    return jnp.where(slot >= start[:, None], start[:, None], slot), jnp.broadcast_to(slot + 1, (start.shape[0], length))
+    slot = jnp.broadcast_to(jnp.arange(length), (start.shape[0], length))
+    return jnp.where(slot >= start[:, None], start[:, None], slot), slot + 1
 
 
 def forward(params: Params, cfg: ModelConfig, ids, positions, start, vision_embeds=None, deepstack=None,

@@ -16,10 +16,11 @@ def matmul_t(x: jax.Array, w: jax.Array, out_dtype=None, scale: jax.Array | None
     """x @ w.T over the last axis, [..., I] x [O, I] -> [..., O], accumulated in f32, cast to `out_dtype`
     (default: x's dtype). An int8 `w` comes with its per-row `scale` (vlm/quantize.py).
 
-    On a CPU, products of bf16 or int8 weights run on vlm/cpu_kernels.cc where it applies (decode steps;
-    bf16 prefill): the decode kernel reads the weights at memory speed, where XLA:CPU's
-    products of a few rows are compute-bound at under half of it. Otherwise one row is padded to two for
-    XLA:CPU's bf16 and int8 products: it runs a single row in a naive loop ~10x slower than its two-row path."""
+    On a CPU, products with bf16 weights (and int8 ones in decode steps) run on vlm/cpu_kernels.cc: a
+    decode step's read the weights at memory speed, where XLA:CPU's products of a few rows are
+    compute-bound at under half of it; a prefill's read them in place, where XLA repacks them per call.
+    Otherwise one row is padded to two for XLA:CPU's bf16 and int8 products: it runs a single row in a
+    naive loop ~10x slower than its two-row path."""
     out_dtype = out_dtype or x.dtype
     if cpu_kernels.applies(x, w):
         return _product(x, w, scale, cpu_kernels.matmul_t).astype(out_dtype)
