@@ -71,6 +71,8 @@ def test_portable_build_agrees_with_the_native_one():
         out = jax.ShapeDtypeStruct(native.shape, native.dtype)
         portable = np.asarray(jax.jit(jax.ffi.ffi_call("portable_" + target, out))(x, w))
         assert np.array_equal(portable, native), dtype  # small integers: every partial sum is exact
+    portable = ctypes.cdll.LoadLibrary(str(cpu_kernels._build(march)))
+    assert portable.VlmCpuKernelsNative() == 0  # so prefill keeps XLA's products there (~40 GFLOP/s here)
     x, w = (jnp.asarray(rng.integers(-100, 100, shape), jnp.bfloat16) for shape in [(70, 96), (13, 96)])
     native = np.asarray(jax.jit(cpu_kernels.matmul_t)(x, w))
     call = jax.ffi.ffi_call("portable_vlm_cpu_matmul_bf16", jax.ShapeDtypeStruct(native.shape, native.dtype))
@@ -112,8 +114,14 @@ def test_which_products_use_which_kernel(monkeypatch):
     assert not _uses_kernel(mm, jnp.ones((17, 128)), int8, scale, kernel="custom_call")  # int8 prefill: XLA
     assert not _uses_kernel(mm, jnp.ones((1, 128)), w.astype(jnp.float32), kernel="custom_call")  # f32: XLA
     assert not _uses_kernel(mm, _bf16(rng, 1, 100), _bf16(rng, 64, 100), kernel="custom_call")  # K % 32 != 0
-    monkeypatch.setenv("VLM_CPU_KERNELS", "0")
+    assert cpu_kernels.range_attention_applies(_bf16(rng, 1, 2, 8, 64))
+    monkeypatch.setattr(cpu_kernels, "_native", False)  # a CPU without AVX-512 BF16: prefill stays on XLA
     jax.clear_caches()  # the choice is made while tracing
+    assert _uses_kernel(mm, _bf16(rng, 1, 128), w) and not _uses_kernel(mm, prompt, w, kernel="custom_call")
+    assert not cpu_kernels.range_attention_applies(_bf16(rng, 1, 2, 8, 64))
+    monkeypatch.setattr(cpu_kernels, "_native", True)
+    monkeypatch.setenv("VLM_CPU_KERNELS", "0")
+    jax.clear_caches()
     assert not _uses_kernel(mm, _bf16(rng, 1, 128), w, kernel="custom_call")
     assert not _uses_kernel(mm, prompt, w, kernel="custom_call")
     jax.clear_caches()

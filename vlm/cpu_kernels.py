@@ -16,7 +16,8 @@ through jax.ffi, where XLA:CPU's own are slow:
   image's patches; XLA's took ~40 ms a layer at 896 patches, a third of the 2B tower, the kernel ~11) and
   a prompt's (causal, where XLA runs the products in f32).
 `vlm.ops` decides while tracing, on a single CPU device only (not on a mesh); f32 weights keep XLA's
-products (at memory speed there).
+products (at memory speed there), and so do prefills on CPUs without AVX-512 BF16 (the portable build of
+the prefill kernels is ~9x slower than XLA's GEMM; the decode ones are memory-bound either way).
 
 They are compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`; ~3 s, once) against
 the XLA FFI headers that ship with jaxlib, for this CPU (-march=native: vdpbf16ps / vpdpwssd with
@@ -57,12 +58,14 @@ def enabled() -> bool:
 
 
 def applies(x: jax.Array, w: jax.Array) -> bool:
-    """Whether `vlm.ops.matmul_t(x, w)` runs on a kernel: bf16 x and w (any rows), or int8 w (x then goes
-    to int8 per row, vlm/quantize.py; up to MAX_ROWS rows); a multiple of 32 columns (all of Qwen3-VL's);
-    one CPU device; not disabled; built. Decided while tracing, so it costs nothing at run time."""
-    rows = x.size // x.shape[-1]
-    kinds = (w.dtype == jnp.int8 and rows <= MAX_ROWS) or x.dtype == w.dtype == jnp.bfloat16
-    return kinds and w.ndim == 2 and w.shape[1] % 32 == 0 and _usable()
+    """Whether `vlm.ops.matmul_t(x, w)` runs on a kernel: bf16 x and w, or int8 w (x then goes to int8 per
+    row, vlm/quantize.py); at most MAX_ROWS rows, or any number in bf16 where the CPU has AVX-512 BF16; a
+    multiple of 32 columns (all of Qwen3-VL's); one CPU device; not disabled; built. Decided while
+    tracing, so it costs nothing at run time."""
+    bf16 = x.dtype == w.dtype == jnp.bfloat16
+    if not ((bf16 or w.dtype == jnp.int8) and w.ndim == 2 and w.shape[1] % 32 == 0 and _usable()):
+        return False
+    return x.size // x.shape[-1] <= MAX_ROWS or (bf16 and _native)
 
 
 def attention_applies(k: jax.Array) -> bool:
@@ -73,8 +76,8 @@ def attention_applies(k: jax.Array) -> bool:
 
 def range_attention_applies(k: jax.Array) -> bool:
     """Whether attention over key ranges (`range_attention`) runs on the kernel for keys `k` [B, Hk, S, D]:
-    bf16, D even and at most 128, on one CPU device, not disabled, built."""
-    return k.dtype == jnp.bfloat16 and k.shape[-1] % 2 == 0 and k.shape[-1] <= 128 and _usable()
+    bf16, D even and at most 128, on one CPU device with AVX-512 BF16, not disabled, built."""
+    return k.dtype == jnp.bfloat16 and k.shape[-1] % 2 == 0 and k.shape[-1] <= 128 and _usable() and _native
 
 
 def _usable() -> bool:
@@ -109,6 +112,7 @@ def matmul_t(x: jax.Array, w: jax.Array) -> jax.Array:
 
 _lock = threading.Lock()
 _loaded: bool | None = None
+_native = False  # built with AVX-512 BF16: the prefill kernels (products of many rows, attention) apply
 
 
 def _load() -> bool:
@@ -122,6 +126,7 @@ def _load() -> bool:
 
 
 def _build_and_register() -> bool:
+    global _native
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
     except (OSError, subprocess.CalledProcessError) as e:
@@ -130,6 +135,7 @@ def _build_and_register() -> bool:
                       "decoding uses XLA's products, about half as fast", stacklevel=3)
         return False
     register(lib)
+    _native = bool(lib.VlmCpuKernelsNative())
     return True
 
 
