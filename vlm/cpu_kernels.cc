@@ -204,7 +204,6 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even (finite values)
 
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef int32_t s32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
 
 template <typename To, typename From>
 To convert(From v) {  // a float or int, or a vector of them, to the same number of another type
@@ -497,9 +496,9 @@ ffi::Error RangeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::B
 // (Hugging Face layout) -> f32 [M, N]. x is packed once, transposed into blocks of 64 rows of bf16 pairs
 // ([M/64][K/2][64]), so that pair_tile takes one pair of a weight row, broadcast, against the same pair
 // of 64 rows of x: the weights are read in place, in their own layout, where a generic GEMM (XLA's)
-// first repacks the whole weight matrix, which is N/M times larger than x. Each task takes kWeightRows
-// rows of w against every row of x, K in blocks that keep x's packed block in L2, the accumulators in a
-// small per-thread scratch [kWeightRows][M] (L1), written to y at the end.
+// first repacks the whole weight matrix, which is N/M times larger than x. Each tile is kWeightRows rows
+// of w against up to 256 rows of x, its accumulators in a small per-thread scratch [kWeightRows][256]
+// (L1) across K's blocks, written to y at the end.
 constexpr int kWeightRows = 6;  // x 4 vectors of 16 rows of x: 24 accumulators
 constexpr int kXBlock = 64;
 constexpr int kTaskRows = 8 * kWeightRows;  // 48 floats of a row of y: 3 cache lines
@@ -524,10 +523,11 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ff
       }
   });
   // A task: kTaskRows rows of w (whole cache lines of y: threads never write the same line) against
-  // kChunkBlocks blocks of x (whose packed pairs, 1 MB at most, stay in L2).
-  const int64_t chunks = (blocks + kChunkBlocks - 1) / kChunkBlocks, kc = 256 * 1024 / 4 / (kChunkBlocks * kXBlock);
-  parallel_for(pool, (N + kTaskRows - 1) / kTaskRows * chunks, [&](int64_t task) {
-    const int64_t col_tasks = (N + kTaskRows - 1) / kTaskRows, col = task % col_tasks;  // chunk by chunk
+  // kChunkBlocks blocks of x (256 rows), K in blocks of kc pairs (256 KB of packed x: it stays in L2).
+  const int64_t chunks = (blocks + kChunkBlocks - 1) / kChunkBlocks, col_tasks = (N + kTaskRows - 1) / kTaskRows;
+  const int64_t kc = 256 * 1024 / 4 / (kChunkBlocks * kXBlock);
+  parallel_for(pool, col_tasks * chunks, [&](int64_t task) {
+    const int64_t col = task % col_tasks;  // chunk by chunk: both threads share a chunk of x in L2
     const int64_t b0 = task / col_tasks * kChunkBlocks, b1 = std::min(blocks, b0 + kChunkBlocks), m0 = b0 * kXBlock;
     const int64_t n1 = std::min(N, (col + 1) * kTaskRows), cols = (b1 - b0) * kXBlock;
     thread_local std::vector<float> acc;

@@ -19,7 +19,7 @@ through jax.ffi, where XLA:CPU's own are slow:
 products (at memory speed there), and so do prefills on CPUs without AVX-512 BF16 (the portable build of
 the prefill kernels is ~9x slower than XLA's GEMM; the decode ones are memory-bound either way).
 
-They are compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`; ~3 s, once) against
+They are compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`; ~8 s, once) against
 the XLA FFI headers that ship with jaxlib, for this CPU (-march=native: vdpbf16ps / vpdpwssd with
 AVX-512 BF16 and VNNI, portable vector code elsewhere), and cached under $VLM_CACHE/kernels. Without a
 compiler, or with VLM_CPU_KERNELS=0, everything runs on XLA (a one-line warning says why).
