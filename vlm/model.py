@@ -71,6 +71,17 @@ def mrope_cos_sin(positions: jax.Array, cfg: TextConfig, dtype) -> tuple[jax.Arr
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
+def _write_slots(cache: jax.Array, new: jax.Array, index) -> jax.Array:
+    """cache[:, :, index : index + T] = new, in place. A bf16 cache is written as its uint16 bits: XLA:CPU
+    widens a bf16 update to f32, and with it the whole cache, into a copy of every layer's cache per step
+    (~3 % of a batch-1 decode step, ~4 % at batch 8)."""
+    if cache.dtype != jnp.bfloat16:
+        return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (0, 0, index, 0))
+    bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.uint16)
+    written = jax.lax.dynamic_update_slice(bits(cache), bits(new.astype(cache.dtype)), (0, 0, index, 0))
+    return jax.lax.bitcast_convert_type(written, cache.dtype)
+
+
 def _self_attn(x, p: Params, cos, sin, ranges, layer_cache: tuple[jax.Array, jax.Array] | None, write_index,
                from_cache: bool, cfg: TextConfig):
     """Attention block; writes this call's keys/values into `layer_cache` (k, v) at `write_index`."""
@@ -82,8 +93,7 @@ def _self_attn(x, p: Params, cos, sin, ranges, layer_cache: tuple[jax.Array, jax
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     keys, values = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, kv_heads, T, D], the cache's layout
     if layer_cache is not None:
-        layer_cache = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, 0, write_index, 0))
-                            for c, new in zip(layer_cache, (keys, values)))
+        layer_cache = tuple(_write_slots(c, new, write_index) for c, new in zip(layer_cache, (keys, values)))
         if from_cache:  # decode: attend over the whole cache; prefill attends to its own keys
             keys, values = layer_cache
     out = attention(q.reshape(b, t, kv, group, hd), keys, values, *ranges)  # [B, T, H*D]
