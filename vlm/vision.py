@@ -119,8 +119,7 @@ def _merger(x: jax.Array, p: Params, cfg: VisionConfig, postshuffle: bool) -> ja
 def encode(params: Params, cfg: VisionConfig, patches, pos_taps, pos_weights, rope_ids, segment):
     """Vision tower on a packed batch -> (image embeds [N/4, D], deepstack features [k, N/4, D])."""
     dtype = params["pos_embed"]["weight"].dtype
-    pe = params["patch_embed"]["proj"]
-    x = jnp.einsum("np,op->no", patches.astype(dtype), pe["weight"]) + pe["bias"]  # conv3d as a linear
+    x = linear(patches.astype(dtype), params["patch_embed"]["proj"])  # the conv3d as a linear
     table = params["pos_embed"]["weight"]
     pos = jnp.sum(table[pos_taps].astype(jnp.float32) * pos_weights[:, :, None], axis=1)  # [N, hidden]
     x = x + pos.astype(dtype)
