@@ -223,6 +223,23 @@ def _image(w, h, seed):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
 
 
+def test_bf16_decode_step_writes_the_cache_in_place(bf16):
+    """A decode step writes one slot per layer cache; XLA:CPU widened a bf16 write to f32 and with it the
+    whole cache, copying every layer's cache at every step (model._write_slots writes the bits instead)."""
+    model, params, tok = bf16
+    inputs = prepare_inputs(model, params, tok, [None], ["Hi"])
+    cfg = S.SamplingConfig(temperature=0, max_new_tokens=4).resolved(model)
+    token, _, cache = S._start(model, params, inputs, cfg, jax.random.key(0))
+
+    def step(params, token, cache):
+        return M.decode(params, model.cfg, token, inputs.next_position, inputs.start, inputs.prompt_tokens.shape[1], cache)
+
+    hlo = jax.jit(step, donate_argnums=2).lower(params, token, cache).compile().as_text()
+    layer = ",".join(map(str, cache["k"][0].shape))
+    assert f"bf16[{layer}]" in hlo
+    assert f"f32[{layer}]" not in hlo
+
+
 def test_bf16_decode_step_runs_on_the_kernel_and_matches_xla(bf16, monkeypatch):
     model, params, tok = bf16
     inputs = prepare_inputs(model, params, tok, [_image(224, 256, 0)], ["Describe this image."])
