@@ -4,7 +4,7 @@ through jax.ffi, where XLA:CPU's own are slow:
 - products of a few rows (decode steps, batch <= `MAX_ROWS`): decoding a token reads every weight once.
   XLA's bf16 product of a few rows gets through ~16 GB/s of weights on a 2-core AVX-512 EPYC (int8: ~14
   GB/s), under half the memory bandwidth; the matrix-vector kernel reads each weight once for all rows
-  at ~27-43 GB/s (`python benchmarks/kernels.py`): batch-1 decode ~1.9x faster in bf16, ~1.7x in int8.
+  at ~30-43 GB/s (`python benchmarks/kernels.py`): batch-1 decode ~2x faster in bf16, ~2.5x in int8.
   The int8 product is exact, the same integers as XLA's; the bf16 one differs by f32 rounding;
 - bf16 products of more rows (a prefill, the vision tower): XLA's GEMM repacks the whole weight matrix
   at every call, ~360 GFLOP/s at 256 rows; the kernel packs the rows instead and reads the weights in
