@@ -231,8 +231,10 @@ def test_bf16_decode_step_writes_the_cache_in_place(bf16):
     cfg = S.SamplingConfig(temperature=0, max_new_tokens=4).resolved(model)
     token, _, cache = S._start(model, params, inputs, cfg, jax.random.key(0))
 
+    slot = inputs.prompt_tokens.shape[1]
+
     def step(params, token, cache):
-        return M.decode(params, model.cfg, token, inputs.next_position, inputs.start, inputs.prompt_tokens.shape[1], cache)
+        return M.decode(params, model.cfg, token, inputs.next_position, inputs.start, slot, cache)
 
     hlo = jax.jit(step, donate_argnums=2).lower(params, token, cache).compile().as_text()
     layer = ",".join(map(str, cache["k"][0].shape))
