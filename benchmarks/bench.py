@@ -353,7 +353,7 @@ def worker_jax(args) -> dict:
 
     def scan(x) -> float:
         """Decode tokens/s of the lax.scan sampler: rows * (n - 1) / (time of n tokens - time of 1 token)."""
-        one = replace(cfg, max_new_tokens=1)  # same prompt and cache buckets: the same prefill
+        one = replace(cfg, max_new_tokens=1)  # same prompt and cache buckets: the same prefill and scan programs
         sample(model, params, x, one, rng), sample(model, params, x, cfg, rng)  # compile
         pairs = [(_timed(sample, model, params, x, one, rng), _timed(sample, model, params, x, cfg, rng))
                  for _ in range(args.repeat)]  # interleaved, so that both see the same load

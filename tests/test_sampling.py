@@ -1,5 +1,7 @@
 """Samplers: exact against transformers' greedy generate, streaming == scan, batch rows == alone, compile once."""
 
+from dataclasses import replace
+
 import jax
 import numpy as np
 import pytest
@@ -170,6 +172,20 @@ def test_second_and_third_requests_do_not_compile(ours):
         other = SamplingConfig(temperature=0.5 + i, top_k=3 + i, top_p=0.7, max_new_tokens=18 + i)
         sample(model, params, inputs, other, jax.random.key(i))
         _stream(model, params, tok, inputs, other, seed=i)
+    assert model.compile_count == before
+
+
+def test_one_scan_program_for_every_length_the_cache_holds(ours):
+    """sample() scans as many steps as the cache bucket has room for, skipping those past max_new_tokens:
+    another length in the same cache bucket compiles nothing, and its tokens are the longer run's prefix."""
+    model, params, tok = ours
+    inputs = prepare_inputs(model, params, tok, [_image(256, 300, 9), None], ["What is this?", "Say hi"])
+    cfg = SamplingConfig(temperature=0.8, top_k=10, top_p=0.9, max_new_tokens=40, eos_id=[-1])
+    long = sample(model, params, inputs, cfg, jax.random.key(5))
+    before = model.compile_count
+    for n in (1, 7, 33):
+        short = sample(model, params, inputs, replace(cfg, max_new_tokens=n), jax.random.key(5))
+        assert short.tokens == [t[:n] for t in long.tokens]
     assert model.compile_count == before
 
 

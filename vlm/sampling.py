@@ -21,7 +21,6 @@ from .inputs import VLMInputs, bucket
 from .vision import encode
 
 CACHE_BUCKET_MIN = 256
-STEPS_BUCKET_MIN = 32
 TOP_K_FAST = 64  # top-k up to this takes lax.top_k, not a full sort (process_logits)
 # sample(should_stop=...) decodes in lax.scan chunks of this many steps and checks should_stop between them:
 # the same compiled chunk for every offset; a stop lands within ~2 s at a 2B CPU model's ~0.25 s a step.
@@ -169,7 +168,9 @@ def _step(cfg, params, cache, token, next_position, start, prompt_len, i, key, t
 def _generate(cfg, params, cache, token, next_position, start, prompt_len, key, temperature, top_k, top_p,
               max_new, eos, *, steps: int, mesh=None):
     """Tokens 1..steps-1 in one lax.scan -> (cache, tokens, logprobs), tokens and logprobs [B, steps-1]. Jitted
-    with the cache donated: returning it lets the scan update the prefill's cache in place (not a copy)."""
+    with the cache donated: returning it lets the scan update the prefill's cache in place (not a copy).
+    `steps` is what the cache has room for (sample()), so every max_new_tokens in one cache bucket runs the
+    same program: the steps past max_new are skipped at a few microseconds each."""
     cache, _, _, tokens, logprobs = _scan(cfg, params, cache, token, jnp.isin(token, eos), next_position, start,
                                       prompt_len, key, temperature, top_k, top_p, max_new, eos, 0, steps=steps - 1,
                                       mesh=mesh)
@@ -344,7 +345,7 @@ def sample(model: M.Qwen3VL, params, inputs: VLMInputs, sampling_cfg: SamplingCo
             np.int32(cfg.max_new_tokens), np.asarray(cfg.eos_id, np.int32))
     stopped = False
     if should_stop is None:
-        steps = bucket(cfg.max_new_tokens, STEPS_BUCKET_MIN)
+        steps = cache["k"][0].shape[2] - inputs.prompt_tokens.shape[1]  # the cache's room: >= max_new_tokens
         generate = model.jit(_generate, donate_argnames="cache", static_argnames=("steps", "mesh"))
         _, tokens, logprobs = generate(params, cache, token, *args, steps=steps, mesh=mesh)
         parts = [(tokens, logprobs)]
