@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
-import ctypes
 import itertools
 import math
 import os
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from vlm.memory import tune_malloc
 from vlm.options import Options, load_args, parse
 
 HERE = Path(__file__).resolve().parent
@@ -677,20 +677,8 @@ def private_upload_folder() -> str:
     return os.environ["GRADIO_TEMP_DIR"]
 
 
-def limit_malloc_arenas(arenas: int = 2) -> None:
-    """Cap glibc's malloc arenas (one per thread that allocates, up to 8 per core by default). Requests run
-    on a pool of server threads, and each new thread's arena keeps the memory its requests freed: on the
-    tiny model the server held ~200 MB more in some runs than in others and crept up over the first reuses;
-    with 2 arenas it stays put (tests/test_load.py's soak). Must run before the threads start; a no-op off
-    glibc."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass
-
-
 def main(argv: list[str] | None = None) -> None:
-    limit_malloc_arenas()
+    tune_malloc(arenas=2)  # before the server's threads start
     opts = parse(sys.argv[1:] if argv is None else argv, ("model", "sampling", "server"), prog="app.py")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a polite kill still runs the atexit clean-up
     folder = private_upload_folder()

@@ -82,6 +82,7 @@ def setup(prog: str, opts: Options):
     import jax
 
     from vlm import SamplingConfig, load_model
+    from vlm.memory import tune_malloc
 
     s = opts.sampling
     try:
@@ -89,6 +90,7 @@ def setup(prog: str, opts: Options):
     except ValueError as e:
         raise SystemExit(fail(prog, e)) from None
     log(f"backend: {jax.default_backend()} {jax.devices()}")
+    tune_malloc()
     t0 = time.perf_counter()
     try:
         model, params, tokenizer = load_model(opts.model.name, **load_args(opts))

@@ -294,9 +294,11 @@ def worker_jax(args) -> dict:
     import jax.numpy as jnp
 
     from vlm import SamplingConfig, cpu_kernels, load_model, prepare_inputs, sample, sample_streaming
+    from vlm.memory import tune_malloc
     from vlm.weights import param_bytes
 
     res: dict = {"side": "jax"}
+    tune_malloc()  # as the demo and the CLIs do
     t = time.perf_counter()
     model, params, tok = load_model(args.ckpt, dtype=args.dtype, quantize=args.quantize)
     jax.block_until_ready(params)
