@@ -302,7 +302,9 @@ def sample_streaming(model: M.Qwen3VL, params, inputs: VLMInputs, sampling_cfg: 
         pending = None
         if i + 1 < cfg.max_new_tokens:  # dispatch step i before reading token i: device works while host decodes
             pending = step(params, cache, token, *args, np.int32(i), rng, *_knobs(cfg), mesh=mesh)
-        tok, lp = int(token[0]), float(logprob[0])
+        # np.asarray waits for token i only; token[0] would be an XLA op that XLA:CPU queues behind step i
+        # (the device would idle while the host decodes and yields)
+        tok, lp = int(np.asarray(token)[0]), float(np.asarray(logprob)[0])
         last = tok in eos or pending is None
         text = ""
         if detok is not None:
