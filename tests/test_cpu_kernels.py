@@ -74,9 +74,10 @@ def test_portable_build_agrees_with_the_native_one():
     portable = ctypes.cdll.LoadLibrary(str(cpu_kernels._build(march)))
     assert portable.VlmCpuKernelsNative() == 0  # so prefill keeps XLA's products there (~40 GFLOP/s here)
     x, w = (jnp.asarray(rng.integers(-100, 100, shape), jnp.bfloat16) for shape in [(70, 96), (13, 96)])
-    native = np.asarray(jax.jit(cpu_kernels.matmul_t)(x, w))
+    live = jnp.asarray([[3, 30], [0, 35]], jnp.int32)  # two groups of 35 rows
+    native = np.asarray(jax.jit(cpu_kernels.matmul_t)(x, w, live))
     call = jax.ffi.ffi_call("portable_vlm_cpu_matmul_bf16", jax.ShapeDtypeStruct(native.shape, native.dtype))
-    assert np.array_equal(np.asarray(jax.jit(call)(x, w)), native)
+    assert np.array_equal(np.asarray(jax.jit(call)(x, w, live)), native)
     q, k, v = _bf16(rng, 2, 40, 4, 24), _bf16(rng, 2, 2, 40, 24), _bf16(rng, 2, 2, 40, 24)
     runs = np.repeat([[0, 17, 36], [17, 36, 40]], [17, 19, 4], axis=1)  # three images' [lo, hi), 2 rows
     lo, hi = (jnp.asarray(np.tile(r, (2, 1)), jnp.int32) for r in runs)
@@ -97,6 +98,23 @@ def test_a_rows_result_does_not_depend_on_the_batch():
     batch = np.asarray(_product(x, w := _bf16(rng, 13, 4096)))
     for rows in (slice(0, 17), slice(100, 300), slice(7, 500), slice(300, 700)):
         assert np.array_equal(np.asarray(_product(x[rows], w)), batch[rows]), rows
+
+
+def test_the_matmul_kernel_computes_only_the_live_rows():
+    """A bucket's padding (a prompt's left padding, the vision tower's patches after the images) is skipped:
+    the live rows are the product's rows exactly (a row's numbers never depend on its neighbours), the
+    others zero."""
+    rng = np.random.default_rng(3)
+    x, w = _bf16(rng, 3, 150, 512), _bf16(rng, 40, 512)  # 3 groups (prompt rows) of 150 slots
+    full = np.asarray(_product(x, w))
+    live = jnp.asarray([[20, 150], [0, 150], [149, 150]], jnp.int32)
+    got = np.asarray(jax.jit(lambda x, w, live: matmul_t(x, w, out_dtype=jnp.float32, live=live))(x, w, live))
+    keep = np.zeros((3, 150), bool)
+    keep[0, 20:], keep[1, :], keep[2, 149:] = True, True, True
+    assert np.array_equal(got[keep], full[keep])
+    assert not got[~keep].any()
+    empty = jnp.asarray([[0, 0], [5, 5], [150, 150]], jnp.int32)  # nothing live: all zero
+    assert not np.asarray(jax.jit(lambda x, w, live: matmul_t(x, w, live=live))(x, w, empty)).any()
 
 
 def test_which_products_use_which_kernel(monkeypatch):
@@ -271,8 +289,10 @@ def test_bf16_vision_tower_runs_on_the_kernel_and_matches_xla(bf16):
     args = (params, v.patches, v.pos_taps, v.pos_weights, v.rope_ids, v.segment)
     encode = model.jit(S._encode)
     assert "vlm_cpu_range_attention_bf16" in encode.lower(*args).as_text()
-    ours = [np.asarray(a, np.float32) for a in encode(*args)]
-    xla = [np.asarray(a, np.float32) for a in _xla_only(lambda *a: S._encode(model.cfg, *a), *args)]
+    real = v.num_patches // model.cfg.vision.spatial_merge_size**2  # the kernel skips the padding after them
+    assert real < v.patches.shape[0] // 4
+    ours = [np.asarray(a, np.float32)[..., :real, :] for a in encode(*args)]
+    xla = [np.asarray(a, np.float32)[..., :real, :] for a in _xla_only(lambda *a: S._encode(model.cfg, *a), *args)]
     for a, b in zip(ours, xla):
         assert np.abs(a - b).max() < 0.02 * np.abs(b).max()  # bf16 rounding through the layers
 

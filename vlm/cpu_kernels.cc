@@ -506,28 +506,41 @@ ffi::Error RangeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::B
 // of 64 rows of x: the weights are read in place, in their own layout, where a generic GEMM (XLA's)
 // first repacks the whole weight matrix, which is N/M times larger than x. Each tile is kWeightRows rows
 // of w against up to 256 rows of x, its accumulators in a small per-thread scratch [kWeightRows][256]
-// (L1) across K's blocks, written to y at the end.
+// (L1) across K's blocks, written to y at the end. Only the rows `live` names are computed (a bucket's
+// padding is not): x's M rows are G groups of M/G (a prompt's rows, one image batch), and group g needs
+// rows [live[g][0], live[g][1]); the others are packed out, and their rows of y are zero.
 constexpr int kWeightRows = 6;  // x 4 vectors of 16 rows of x: 24 accumulators
 constexpr int kXBlock = 64;
 constexpr int kTaskRows = 8 * kWeightRows;  // 48 floats of a row of y: 3 cache lines
 constexpr int kChunkBlocks = 4;  // blocks of x a task takes: 256 rows
 
-ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> y) {
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w, ffi::Buffer<ffi::S32> live,
+                  ffi::ResultBuffer<ffi::F32> y) {
   const auto wd = w.dimensions();
   if (wd.size() != 2 || wd[1] % 2 != 0 || x.element_count() % wd[1] != 0)
     return ffi::Error::InvalidArgument("cpu matmul: expected x [M, K] and w [N, K] with K even");
-  const int64_t N = wd[0], K2 = wd[1] / 2, M = x.element_count() / wd[1];
-  const int64_t blocks = (M + kXBlock - 1) / kXBlock, Mp = blocks * kXBlock;
+  const int64_t N = wd[0], K2 = wd[1] / 2, M = x.element_count() / wd[1], G = live.element_count() / 2;
+  if (G < 1 || M % G != 0) return ffi::Error::InvalidArgument("cpu matmul: expected live [G, 2] with G dividing M");
   const auto* xw = reinterpret_cast<const uint32_t*>(x.untyped_data());
   const auto* ww = reinterpret_cast<const uint32_t*>(w.untyped_data());
   float* yp = y->typed_data();
-  std::vector<uint32_t> xt(Mp * K2);  // [block][pair][64 rows], zero past M
+  std::vector<int64_t> rows;  // the live rows, in order; the others' rows of y are zero
+  const int32_t* lp = live.typed_data();
+  for (int64_t g = 0, T = M / G; g < G; ++g) {
+    const int64_t lo = std::clamp<int64_t>(lp[2 * g], 0, T), hi = std::clamp<int64_t>(lp[2 * g + 1], lo, T);
+    std::fill(yp + g * T * N, yp + (g * T + lo) * N, 0.f);
+    std::fill(yp + (g * T + hi) * N, yp + (g + 1) * T * N, 0.f);
+    for (int64_t r = lo; r < hi; ++r) rows.push_back(g * T + r);
+  }
+  const int64_t R = rows.size(), blocks = (R + kXBlock - 1) / kXBlock, Rp = blocks * kXBlock;
+  std::vector<uint32_t> xt(Rp * K2);  // [block][pair][64 rows], zero past R
   parallel_for(pool, blocks, [&](int64_t b) {
     uint32_t* out = xt.data() + b * K2 * kXBlock;
     for (int64_t p0 = 0; p0 < K2; p0 += 16)  // 16 pairs of the block's 64 rows at a time: 4 KB, in L1
       for (int64_t m = 0; m < kXBlock; ++m) {
         const int64_t row = b * kXBlock + m;
-        for (int64_t p = p0; p < std::min(K2, p0 + 16); ++p) out[p * kXBlock + m] = row < M ? xw[row * K2 + p] : 0;
+        const uint32_t* in = row < R ? xw + rows[row] * K2 : nullptr;
+        for (int64_t p = p0; p < std::min(K2, p0 + 16); ++p) out[p * kXBlock + m] = in ? in[p] : 0;
       }
   });
   // A task: kTaskRows rows of w (whole cache lines of y: threads never write the same line) against
@@ -541,13 +554,13 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ff
     thread_local std::vector<float> acc;
     acc.resize(kWeightRows * cols);
     for (int64_t n0 = col * kTaskRows; n0 < n1; n0 += kWeightRows) {
-      const int64_t rows = std::min<int64_t>(kWeightRows, N - n0);
+      const int64_t rows_w = std::min<int64_t>(kWeightRows, N - n0);
       for (int64_t k0 = 0; k0 < K2; k0 += kc)
         for (int64_t b = b0; b < b1; ++b)
-          pair_any<kWeightRows, kXBlock / 16>(rows, kXBlock / 16, ww + n0 * K2 + k0, K2, xt.data() + (b * K2 + k0) * kXBlock,
+          pair_any<kWeightRows, kXBlock / 16>(rows_w, kXBlock / 16, ww + n0 * K2 + k0, K2, xt.data() + (b * K2 + k0) * kXBlock,
                                              kXBlock, 16, std::min(kc, K2 - k0), acc.data() + (b - b0) * kXBlock, cols, k0 > 0);
-      for (int64_t m = m0; m < std::min(M, m0 + cols); ++m)
-        for (int64_t r = 0; r < rows; ++r) yp[m * N + n0 + r] = acc[r * cols + m - m0];
+      for (int64_t m = m0; m < std::min(R, m0 + cols); ++m)
+        for (int64_t r = 0; r < rows_w; ++r) yp[rows[m] * N + n0 + r] = acc[r * cols + m - m0];
     }
   });
   return ffi::Error::Success();
@@ -572,7 +585,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmCpuAttendOneQueryBf16, AttendOneQuery,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmCpuRangeAttentionBf16, RangeAttention,
                               VLM_QKV.Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::S32>>().Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::BF16>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmCpuMatmulBf16, Matmul, VLM_BINDING(ffi::BF16, ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmCpuMatmulBf16, Matmul,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::BF16>>().Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>().Ret<ffi::Buffer<ffi::F32>>());
 
 // 1 where the kernels were built with AVX-512 BF16 (vdpbf16ps): only there do the prefill kernels beat
 // XLA's (the portable product of many rows runs ~40 GFLOP/s); the decode ones are memory-bound anyway.

@@ -101,13 +101,18 @@ def range_attention(q: jax.Array, k: jax.Array, v: jax.Array, lo: jax.Array, hi:
     return jax.ffi.ffi_call(_RANGE_ATTENTION[0], out)(q.astype(k.dtype), k, v, lo, hi, scale=np.float32(scale))
 
 
-def matmul_t(x: jax.Array, w: jax.Array) -> jax.Array:
+def matmul_t(x: jax.Array, w: jax.Array, live: jax.Array | None = None) -> jax.Array:
     """x [..., K] @ w.T for w [N, K]: bf16 x bf16 -> f32, int8 x int8 -> int32 (exact), [..., N]; the
-    matrix-vector kernel up to MAX_ROWS rows, the matrix-matrix one (bf16) above."""
+    matrix-vector kernel up to MAX_ROWS rows, the matrix-matrix one (bf16) above. `live` [G, 2]: x's rows
+    are G groups of equal size, and only rows [live[g, 0], live[g, 1]) of group g are needed; the
+    matrix-matrix kernel computes only those (a bucket's padding costs nothing) and zeroes the others."""
     target, _, out = _KERNELS[jnp.dtype(w.dtype)]
+    args = (x, w)
     if x.size // x.shape[-1] > MAX_ROWS:
         target = _MATMUL[0]
-    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]), out))(x, w)
+        live = jnp.array([[0, x.size // x.shape[-1]]]) if live is None else live
+        args = (x, w, live.astype(jnp.int32))
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]), out))(*args)
 
 
 _lock = threading.Lock()

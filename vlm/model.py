@@ -83,13 +83,13 @@ def _write_slots(cache: jax.Array, new: jax.Array, index) -> jax.Array:
 
 
 def _self_attn(x, p: Params, cos, sin, ranges, layer_cache: tuple[jax.Array, jax.Array] | None, write_index,
-               from_cache: bool, cfg: TextConfig):
+               from_cache: bool, live, cfg: TextConfig):
     """Attention block; writes this call's keys/values into `layer_cache` (k, v) at `write_index`."""
     b, t, _ = x.shape
     kv, group, hd = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads, cfg.head_dim
-    q = rms_norm(linear(x, p["q_proj"]).reshape(b, t, kv * group, hd), p["q_norm"]["weight"], cfg.rms_norm_eps)
-    k = rms_norm(linear(x, p["k_proj"]).reshape(b, t, kv, hd), p["k_norm"]["weight"], cfg.rms_norm_eps)
-    v = linear(x, p["v_proj"]).reshape(b, t, kv, hd)
+    q = rms_norm(linear(x, p["q_proj"], live).reshape(b, t, kv * group, hd), p["q_norm"]["weight"], cfg.rms_norm_eps)
+    k = rms_norm(linear(x, p["k_proj"], live).reshape(b, t, kv, hd), p["k_norm"]["weight"], cfg.rms_norm_eps)
+    v = linear(x, p["v_proj"], live).reshape(b, t, kv, hd)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     keys, values = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, kv_heads, T, D], the cache's layout
     if layer_cache is not None:
@@ -97,28 +97,30 @@ def _self_attn(x, p: Params, cos, sin, ranges, layer_cache: tuple[jax.Array, jax
         if from_cache:  # decode: attend over the whole cache; prefill attends to its own keys
             keys, values = layer_cache
     out = attention(q.reshape(b, t, kv, group, hd), keys, values, *ranges)  # [B, T, H*D]
-    return linear(out, p["o_proj"]), layer_cache
+    return linear(out, p["o_proj"], live), layer_cache
 
 
-def _mlp(x, p: Params) -> jax.Array:
-    return linear(activation(jax.nn.silu, linear(x, p["gate_proj"])) * linear(x, p["up_proj"]), p["down_proj"])
+def _mlp(x, p: Params, live) -> jax.Array:
+    gate = activation(jax.nn.silu, linear(x, p["gate_proj"], live))
+    return linear(gate * linear(x, p["up_proj"], live), p["down_proj"], live)
 
 
 def decoder(params: Params, cfg: TextConfig, x, positions, ranges, cache=None, write_index=0, deepstack=None,
-            from_cache: bool = False):
+            from_cache: bool = False, live=None):
     """Decoder layers + final norm. x [B, T, D]; ranges: the key slots [lo, hi) each token attends to,
-    ([B, T], [B, T]); deepstack [k, B, T, D] is added after layers 0..k-1."""
+    ([B, T], [B, T]); deepstack [k, B, T, D] is added after layers 0..k-1; live [B, 2]: each row's
+    slots [lo, hi) whose products are needed (a prompt's: not its left padding; `ops.matmul_t`)."""
     cos, sin = mrope_cos_sin(positions, cfg, x.dtype)
     new_cache = None if cache is None else {"k": [], "v": []}
     for i, lp in enumerate(params["layers"]):
         layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
         h, layer_cache = _self_attn(rms_norm(x, lp["input_layernorm"]["weight"], cfg.rms_norm_eps), lp["self_attn"],
-                                    cos, sin, ranges, layer_cache, write_index, from_cache, cfg)
+                                    cos, sin, ranges, layer_cache, write_index, from_cache, live, cfg)
         if new_cache is not None:
             new_cache["k"].append(layer_cache[0])
             new_cache["v"].append(layer_cache[1])
         x = x + h
-        x = x + _mlp(rms_norm(x, lp["post_attention_layernorm"]["weight"], cfg.rms_norm_eps), lp["mlp"])
+        x = x + _mlp(rms_norm(x, lp["post_attention_layernorm"]["weight"], cfg.rms_norm_eps), lp["mlp"], live)
         if deepstack is not None and i < deepstack.shape[0]:
             x = x + deepstack[i].astype(x.dtype)
     return rms_norm(x, params["norm"]["weight"], cfg.rms_norm_eps), new_cache
@@ -163,7 +165,8 @@ def forward(params: Params, cfg: ModelConfig, ids, positions, start, vision_embe
     x = embed(params, ids, vision_embeds, vision_index)
     ds = gather_deepstack(deepstack, vision_index) if deepstack is not None else None
     ranges = prefill_ranges(start, ids.shape[1])
-    return decoder(params["language_model"], cfg.text, x, positions, ranges, cache, 0, ds)
+    live = jnp.stack([start, jnp.full_like(start, ids.shape[1])], axis=-1)  # the left padding is skipped
+    return decoder(params["language_model"], cfg.text, x, positions, ranges, cache, 0, ds, live=live)
 
 
 def decode(params: Params, cfg: ModelConfig, token, position, start, write_index, cache: Cache):

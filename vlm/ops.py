@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -12,9 +13,12 @@ from . import cpu_kernels
 Params = dict
 
 
-def matmul_t(x: jax.Array, w: jax.Array, out_dtype=None, scale: jax.Array | None = None) -> jax.Array:
+def matmul_t(x: jax.Array, w: jax.Array, out_dtype=None, scale: jax.Array | None = None,
+             live: jax.Array | None = None) -> jax.Array:
     """x @ w.T over the last axis, [..., I] x [O, I] -> [..., O], accumulated in f32, cast to `out_dtype`
-    (default: x's dtype). An int8 `w` comes with its per-row `scale` (vlm/quantize.py).
+    (default: x's dtype). An int8 `w` comes with its per-row `scale` (vlm/quantize.py). `live` [G, 2]
+    names the rows whose results are needed (x's rows as G equal groups, rows [lo, hi) of each; the
+    others are a bucket's padding): the prefill kernel skips the others and gives zeros there.
 
     On a CPU, products with bf16 weights (and int8 ones in decode steps) run on vlm/cpu_kernels.cc: a
     decode step's read the weights at memory speed, where XLA:CPU's products of a few rows are
@@ -23,7 +27,7 @@ def matmul_t(x: jax.Array, w: jax.Array, out_dtype=None, scale: jax.Array | None
     naive loop ~10x slower than its two-row path."""
     out_dtype = out_dtype or x.dtype
     if cpu_kernels.applies(x, w):
-        return _product(x, w, scale, cpu_kernels.matmul_t).astype(out_dtype)
+        return _product(x, w, scale, functools.partial(cpu_kernels.matmul_t, live=live)).astype(out_dtype)
     if math.prod(x.shape[:-1]) == 1 and w.dtype != jnp.float32 and jax.default_backend() == "cpu":
         two = jnp.concatenate([x.reshape(1, -1), jnp.zeros((1, x.shape[-1]), x.dtype)])  # [2, I]
         return _product(two, w, scale)[:1].reshape(*x.shape[:-1], -1).astype(out_dtype)
@@ -49,9 +53,10 @@ def _product(x: jax.Array, w: jax.Array, scale: jax.Array | None, dot=_xla_produ
     return dot(xq, w).astype(jnp.float32) * step * scale
 
 
-def linear(x: jax.Array, p: Params) -> jax.Array:
-    """x @ W.T (+ b) with W in Hugging Face layout [out, in] (int8 W: with its "weight_scale")."""
-    y = matmul_t(x, p["weight"], scale=p.get("weight_scale"))
+def linear(x: jax.Array, p: Params, live: jax.Array | None = None) -> jax.Array:
+    """x @ W.T (+ b) with W in Hugging Face layout [out, in] (int8 W: with its "weight_scale"); `live`: as
+    for `matmul_t`."""
+    y = matmul_t(x, p["weight"], scale=p.get("weight_scale"), live=live)
     return y + p["bias"] if "bias" in p else y
 
 

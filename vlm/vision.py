@@ -92,43 +92,45 @@ _gelu_tanh = functools.partial(jax.nn.gelu, approximate=True)  # the blocks' (ge
 _gelu_erf = functools.partial(jax.nn.gelu, approximate=False)  # the mergers'
 
 
-def _block(x: jax.Array, p: Params, cos, sin, segment, cfg: VisionConfig) -> jax.Array:
+def _block(x: jax.Array, p: Params, cos, sin, segment, live, cfg: VisionConfig) -> jax.Array:
     n = x.shape[0]
     h = layer_norm(x, p["norm1"])
-    qkv = linear(h, p["attn"]["qkv"]).reshape(n, 3, cfg.num_heads, cfg.head_dim)  # [N, 3, H, D]
+    qkv = linear(h, p["attn"]["qkv"], live).reshape(n, 3, cfg.num_heads, cfg.head_dim)  # [N, 3, H, D]
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
     q = apply_rope(q.astype(jnp.float32), cos, sin).astype(x.dtype)
     k = apply_rope(k.astype(jnp.float32), cos, sin).astype(x.dtype)
     attn = segment_attention(q, k, v, segment).reshape(n, -1)  # within each image; [N, H*D]
-    x = x + linear(attn, p["attn"]["proj"])
-    h = activation(_gelu_tanh, linear(layer_norm(x, p["norm2"]), p["mlp"]["linear_fc1"]))
-    return x + linear(h, p["mlp"]["linear_fc2"])
+    x = x + linear(attn, p["attn"]["proj"], live)
+    h = activation(_gelu_tanh, linear(layer_norm(x, p["norm2"]), p["mlp"]["linear_fc1"], live))
+    return x + linear(h, p["mlp"]["linear_fc2"], live)
 
 
-def _merger(x: jax.Array, p: Params, cfg: VisionConfig, postshuffle: bool) -> jax.Array:
+def _merger(x: jax.Array, p: Params, cfg: VisionConfig, postshuffle: bool, live) -> jax.Array:
     """LayerNorm, concatenate each 2x2 merge window, MLP with exact (erf) GELU -> [N/4, text hidden]."""
     window = cfg.spatial_merge_size**2 * cfg.hidden_size
     if postshuffle:
         x = layer_norm(x.reshape(-1, window), p["norm"])
     else:
         x = layer_norm(x, p["norm"]).reshape(-1, window)
-    x = activation(_gelu_erf, linear(x, p["linear_fc1"]))
-    return linear(x, p["linear_fc2"])
+    x = activation(_gelu_erf, linear(x, p["linear_fc1"], live))
+    return linear(x, p["linear_fc2"], live)
 
 
 def encode(params: Params, cfg: VisionConfig, patches, pos_taps, pos_weights, rope_ids, segment):
     """Vision tower on a packed batch -> (image embeds [N/4, D], deepstack features [k, N/4, D])."""
     dtype = params["pos_embed"]["weight"].dtype
-    x = linear(patches.astype(dtype), params["patch_embed"]["proj"])  # the conv3d as a linear
+    live = jnp.stack([0, jnp.sum(segment >= 0)])[None]  # the real patches: the products skip the padding
+    merged_live = live // cfg.spatial_merge_size**2  # after the mergers: whole 2x2 windows, padding last
+    x = linear(patches.astype(dtype), params["patch_embed"]["proj"], live)  # the conv3d as a linear
     table = params["pos_embed"]["weight"]
     pos = jnp.sum(table[pos_taps].astype(jnp.float32) * pos_weights[:, :, None], axis=1)  # [N, hidden]
     x = x + pos.astype(dtype)
     cos, sin = _rotary(rope_ids, cfg)
     deepstack = []
     for i, block in enumerate(params["blocks"]):
-        x = _block(x, block, cos, sin, segment, cfg)
+        x = _block(x, block, cos, sin, segment, live, cfg)
         if i in cfg.deepstack_visual_indexes:
             k = cfg.deepstack_visual_indexes.index(i)
-            deepstack.append(_merger(x, params["deepstack_merger_list"][k], cfg, postshuffle=True))
-    merged = _merger(x, params["merger"], cfg, postshuffle=False)
+            deepstack.append(_merger(x, params["deepstack_merger_list"][k], cfg, True, merged_live))
+    merged = _merger(x, params["merger"], cfg, False, merged_live)
     return merged, jnp.stack(deepstack) if deepstack else jnp.zeros((0, *merged.shape), merged.dtype)
