@@ -508,7 +508,8 @@ ffi::Error RangeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::B
 // of w against up to 256 rows of x, its accumulators in a small per-thread scratch [kWeightRows][256]
 // (L1) across K's blocks, written to y at the end. Only the rows `live` names are computed (a bucket's
 // padding is not): x's M rows are G groups of M/G (a prompt's rows, one image batch), and group g needs
-// rows [live[g][0], live[g][1]); the others are packed out, and their rows of y are zero.
+// rows [live[g][0], live[g][1]); the others are packed out, and their rows of y are zero. The last block of
+// 64 rows runs only its vectors of 16 rows that hold live rows.
 constexpr int kWeightRows = 6;  // x 4 vectors of 16 rows of x: 24 accumulators
 constexpr int kXBlock = 64;
 constexpr int kTaskRows = 8 * kWeightRows;  // 48 floats of a row of y: 3 cache lines
@@ -556,9 +557,10 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ff
     for (int64_t n0 = col * kTaskRows; n0 < n1; n0 += kWeightRows) {
       const int64_t rows_w = std::min<int64_t>(kWeightRows, N - n0);
       for (int64_t k0 = 0; k0 < K2; k0 += kc)
-        for (int64_t b = b0; b < b1; ++b)
-          pair_any<kWeightRows, kXBlock / 16>(rows_w, kXBlock / 16, ww + n0 * K2 + k0, K2, xt.data() + (b * K2 + k0) * kXBlock,
-                                             kXBlock, 16, std::min(kc, K2 - k0), acc.data() + (b - b0) * kXBlock, cols, k0 > 0);
+        for (int64_t b = b0; b < b1; ++b)  // the last block: only its vectors of 16 rows that hold live rows
+          pair_any<kWeightRows, kXBlock / 16>(rows_w, std::min<int64_t>(kXBlock, R - b * kXBlock + 15) / 16,
+                                             ww + n0 * K2 + k0, K2, xt.data() + (b * K2 + k0) * kXBlock, kXBlock, 16,
+                                             std::min(kc, K2 - k0), acc.data() + (b - b0) * kXBlock, cols, k0 > 0);
       for (int64_t m = m0; m < std::min(R, m0 + cols); ++m)
         for (int64_t r = 0; r < rows_w; ++r) yp[rows[m] * N + n0 + r] = acc[r * cols + m - m0];
     }
