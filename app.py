@@ -34,6 +34,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from vlm.cache import use_compilation_cache
 from vlm.memory import tune_malloc
 from vlm.options import Options, load_args, parse
 
@@ -679,6 +680,7 @@ def private_upload_folder() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     tune_malloc(arenas=2)  # before the server's threads start
+    use_compilation_cache()
     opts = parse(sys.argv[1:] if argv is None else argv, ("model", "sampling", "server"), prog="app.py")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a polite kill still runs the atexit clean-up
     folder = private_upload_folder()

@@ -82,6 +82,7 @@ def setup(prog: str, opts: Options):
     import jax
 
     from vlm import SamplingConfig, load_model
+    from vlm.cache import use_compilation_cache
     from vlm.memory import tune_malloc
 
     s = opts.sampling
@@ -91,6 +92,7 @@ def setup(prog: str, opts: Options):
         raise SystemExit(fail(prog, e)) from None
     log(f"backend: {jax.default_backend()} {jax.devices()}")
     tune_malloc()
+    use_compilation_cache()
     t0 = time.perf_counter()
     try:
         model, params, tokenizer = load_model(opts.model.name, **load_args(opts))

@@ -130,10 +130,11 @@ def build_2b_checkpoint(out: Path, seed: int = 0) -> Path:
 def checkpoint(model: str) -> Path:
     """The checkpoint dir for --model (built and cached on first use)."""
     from vlm import tiny
+    from vlm.cache import cache_dir
 
     if model == "tiny":
         return tiny.tiny_path()
-    cache = Path(os.environ.get("VLM_CACHE", Path.home() / ".cache" / "vlm"))
+    cache = cache_dir()
     final = cache / CKPT_VERSION
     if (final / "config.json").exists():
         return final

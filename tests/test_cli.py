@@ -20,8 +20,8 @@ COFFEE = "examples/imgs/coffee_laptop.png"
 N = 12  # new tokens per answer: enough to compare, quick to run
 
 
-def cli(script: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLM_") or k == "VLM_CACHE"}
+def cli(script: str, *args: str, timeout: float = 240, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLM_") or k == "VLM_CACHE"} | env_vars
     return subprocess.run(
         [sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
     )
@@ -218,6 +218,23 @@ def test_unloadable_model_fails_with_one_line(tmp_path):
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr.strip().splitlines()[-1].startswith(f"run.py: error: could not load model '{tmp_path}'")
     assert "Traceback" not in out.stderr
+
+
+def test_compiled_programs_are_kept_for_the_next_run(tmp_path):
+    """The CLIs keep what they compile in $VLM_CACHE/xla (jax's persistent compilation cache): the next run
+    loads it (the files are not written again) and answers the same; VLM_XLA_CACHE=0 keeps nothing."""
+    args = ("model.name=tiny", f"inference.image={PANDA}", "inference.prompt=Hi", "sampling.temperature=0",
+            f"sampling.max_new_tokens={N}")
+    first = cli("run_streaming.py", *args, VLM_CACHE=str(tmp_path))
+    assert first.returncode == 0, first.stderr
+    kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "xla").glob("*/jit_*")}
+    assert {p.name.split("-")[0] for p in kept} >= {"jit__encode", "jit__prefill", "jit__step"}
+    second = cli("run_streaming.py", *args, VLM_CACHE=str(tmp_path))
+    assert second.returncode == 0 and second.stdout == first.stdout
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "xla").glob("*/jit_*")} == kept  # loaded, not rebuilt
+    off = cli("run.py", *args, VLM_CACHE=str(tmp_path / "off"), VLM_XLA_CACHE="0")
+    assert off.returncode == 0 and off.stdout.strip() == first.stdout.strip()
+    assert not (tmp_path / "off" / "xla").exists()
 
 
 def test_run_streaming_refuses_a_batch():

@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .cache import cache_dir
+
 MAX_ROWS = 16  # products of at most this many rows: the matrix-vector kernel (decode); bf16 of more: matmul
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 # weight dtype -> (FFI target, exported symbol, result dtype)
@@ -159,7 +161,7 @@ def _build(march: str = "native") -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\n".join([_SOURCE.read_text(), " ".join(cmd), version, jax.__version__,
                                     platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("VLM_CACHE", Path.home() / ".cache" / "vlm")) / "kernels"
+    cache = cache_dir() / "kernels"
     lib = cache / f"cpu_kernels-{key}.so"
     if not lib.exists():
         cache.mkdir(parents=True, exist_ok=True)

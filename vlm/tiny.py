@@ -11,6 +11,8 @@ import tempfile
 import numpy as np
 from safetensors.numpy import save_file
 
+from .cache import cache_dir
+
 TINY_VERSION = "tiny-v1"
 
 TINY_SPEC = {
@@ -383,7 +385,7 @@ def build_tiny(out_dir: str | os.PathLike, *, tie_word_embeddings: bool = False,
 
 def tiny_path() -> pathlib.Path:
     """The cached default tiny checkpoint at $VLM_CACHE/tiny-v1, built atomically on first use."""
-    cache = pathlib.Path(os.environ.get("VLM_CACHE", pathlib.Path.home() / ".cache" / "vlm"))
+    cache = cache_dir()
     final = cache / TINY_VERSION
     if (final / "config.json").exists():
         return final
