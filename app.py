@@ -680,8 +680,8 @@ def private_upload_folder() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     tune_malloc(arenas=2)  # before the server's threads start
-    use_compilation_cache()
     opts = parse(sys.argv[1:] if argv is None else argv, ("model", "sampling", "server"), prog="app.py")
+    use_compilation_cache()  # a restart loads what the last run compiled
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a polite kill still runs the atexit clean-up
     folder = private_upload_folder()
     backend = Backend(opts)
