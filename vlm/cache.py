@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 from pathlib import Path
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("VLM_CACHE", Path.home() / ".cache" / "vlm"))
+
+
+def cpu_flags() -> str:
+    """The CPU's feature flags, part of the key of what is built for this CPU (the kernels' -march=native
+    library, XLA's compiled code), so that a cache shared between machines never loads another CPU's."""
+    try:
+        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return platform.processor()
 
 
 def use_compilation_cache() -> Path | None:
@@ -25,13 +35,11 @@ def use_compilation_cache() -> Path | None:
     CPU. Returns the folder, or None when off."""
     import jax
 
-    from .cpu_kernels import _cpu_flags
-
     if os.environ.get("VLM_XLA_CACHE", "1") == "0":
         return None
     if jax.config.jax_compilation_cache_dir:
         return Path(jax.config.jax_compilation_cache_dir)
-    key = hashlib.sha256(f"{jax.__version__}\n{_cpu_flags()}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{jax.__version__}\n{cpu_flags()}".encode()).hexdigest()[:16]
     folder = cache_dir() / "xla" / key
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # the tiny model's programs too

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .cache import cache_dir
+from .cache import cache_dir, cpu_flags
 
 MAX_ROWS = 16  # products of at most this many rows: the matrix-vector kernel (decode); bf16 of more: matmul
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
@@ -160,7 +160,7 @@ def _build(march: str = "native") -> Path:
     cmd = [cxx, "-O3", f"-march={march}", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}"]
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\n".join([_SOURCE.read_text(), " ".join(cmd), version, jax.__version__,
-                                    platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
+                                    platform.machine(), cpu_flags()]).encode()).hexdigest()[:16]
     cache = cache_dir() / "kernels"
     lib = cache / f"cpu_kernels-{key}.so"
     if not lib.exists():
@@ -174,11 +174,3 @@ def _build(march: str = "native") -> Path:
             Path(tmp).unlink(missing_ok=True)
     return lib
 
-
-def _cpu_flags() -> str:
-    """The CPU's feature flags (-march=native builds for them), so a cache shared between machines
-    never loads a build for another CPU."""
-    try:
-        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return platform.processor()
