@@ -169,15 +169,29 @@ def test_load_tokenizer_falls_back_to_jinja_file(tiny_dir, tmp_path):
     )
 
 
+def test_load_tokenizer_without_tokenizer_json_takes_the_named_class(tiny_dir, tmp_path):
+    for f in ["vocab.json", "merges.txt", "tokenizer_config.json"]:
+        (tmp_path / f).write_bytes((tiny_dir / f).read_bytes())
+    tok = P.load_tokenizer(tmp_path)
+    assert type(tok) is transformers.Qwen2Tokenizer
+    messages, counts = CONVERSATIONS["unicode"]
+    assert P.build_prompt_ids(tok, messages, counts) == _reference_ids(P.load_tokenizer(tiny_dir), messages, counts)
+
+
 def test_load_tokenizer_is_autotokenizers_and_leaves_torch_unimported(tiny_dir):
-    """The class tokenizer_config.json names, the tokenizer AutoTokenizer gives, but without AutoTokenizer's
-    detour through the model config, which imports torch when it is installed (+210 MB resident in a JAX
-    process): loading a model and answering leaves torch out."""
+    """The ids, text and special tokens AutoTokenizer's Qwen2Tokenizer gives, from tokenizer.json as written,
+    and without AutoTokenizer's detour through the model config, which imports torch when it is installed
+    (+210 MB resident in a JAX process): loading a model and answering leaves torch out."""
     auto = transformers.AutoTokenizer.from_pretrained(tiny_dir)
     ours = P.load_tokenizer(tiny_dir)
-    assert type(ours) is type(auto) and ours.chat_template == auto.chat_template
+    assert type(auto) is transformers.Qwen2Tokenizer and type(ours) is transformers.PreTrainedTokenizerFast
+    assert ours.chat_template == auto.chat_template and len(ours) == len(auto)
+    assert (ours.eos_token, ours.pad_token, ours.all_special_ids) == (auto.eos_token, auto.pad_token, auto.all_special_ids)
     for messages, counts in CONVERSATIONS.values():
-        assert P.build_prompt_ids(ours, messages, counts) == _reference_ids(auto, messages, counts)
+        ids = P.build_prompt_ids(ours, messages, counts)
+        assert ids == _reference_ids(auto, messages, counts)
+        assert ours.decode(ids) == auto.decode(ids)
+        assert ours.decode(ids, skip_special_tokens=True) == auto.decode(ids, skip_special_tokens=True)
     code = f"""
 import sys, jax, numpy as np
 from PIL import Image

@@ -1,6 +1,7 @@
 """glibc malloc settings that keep a long-running process's resident memory close to what it uses.
 
 The demo, both CLIs and the benchmark call `tune_malloc()` at start; a Python API user may call it too.
+`release_free_memory()` runs after each compile (`Qwen3VL.jit`).
 Measured on the 2B model (bf16, the benchmark's requests: an image, then batches 1, 4 and 8): whole-run
 peak RSS 5.34 -> 5.15 GiB, steady RSS at the end 5.12 -> 4.91 GiB; prefill and decode times unchanged.
 """
@@ -8,8 +9,17 @@ peak RSS 5.34 -> 5.15 GiB, steady RSS at the end 5.12 -> 4.91 GiB; prefill and d
 from __future__ import annotations
 
 import ctypes
+import functools
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # mallopt parameters (malloc.h)
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
 
 
 def tune_malloc(arenas: int | None = None) -> None:
@@ -21,11 +31,20 @@ def tune_malloc(arenas: int | None = None) -> None:
     `arenas` caps malloc's arenas (one per allocating thread, up to 8 per core by default): a server's pool
     threads each keep what their requests freed in their own arena (the demo uses 2; tests/test_load.py's
     soak). Call it before threads start. A no-op off glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    libc = _libc()
+    if libc is None:
         return
     libc.mallopt(M_MMAP_THRESHOLD, 4 << 20)
     libc.mallopt(M_TRIM_THRESHOLD, 8 << 20)
     if arenas is not None:
         libc.mallopt(M_ARENA_MAX, arenas)
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the OS (malloc_trim), not only its free top. A compile leaves
+    ~0.1-0.2 GiB of freed blocks between live ones, in the heaps of the threads that compiled: measured on
+    the 2B model (bf16), RSS after a batch-8 scan's two compiles 4.84 -> 4.69 GiB, ~15 ms a call. A no-op
+    off glibc."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)

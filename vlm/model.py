@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig, TextConfig
+from .memory import release_free_memory
 from .ops import Params, activation, apply_rope, attention, linear, matmul_t, rms_norm
 
 Cache = dict[str, list[jax.Array]]  # {"k", "v"}: one [B, kv_heads, S, head_dim] array per layer
@@ -37,7 +38,8 @@ class Qwen3VL:
     _jitted: dict = field(default_factory=dict, repr=False)
 
     def jit(self, fn: Callable, **jit_kwargs) -> Callable:
-        """`jax.jit(fn)` with cfg bound, memoised per model; each trace bumps `compile_count`."""
+        """`jax.jit(fn)` with cfg bound, memoised per model; each trace bumps `compile_count`, and after
+        each compile the compiler's freed memory goes back to the OS (`memory.release_free_memory`)."""
         if fn not in self._jitted:
 
             def traced(*args, **kwargs):
@@ -46,7 +48,18 @@ class Qwen3VL:
 
             traced.__name__ = fn.__name__
             traced.__signature__ = inspect.signature(functools.partial(fn, self.cfg))  # for *_argnames
-            self._jitted[fn] = jax.jit(traced, **jit_kwargs)
+            jitted = jax.jit(traced, **jit_kwargs)
+
+            @functools.wraps(fn)
+            def call(*args, **kwargs):
+                before = self.compile_count
+                out = jitted(*args, **kwargs)  # compiles (if it traced) before it returns
+                if self.compile_count != before:
+                    release_free_memory()
+                return out
+
+            call.lower = jitted.lower
+            self._jitted[fn] = call
         return self._jitted[fn]
 
 

@@ -326,16 +326,21 @@ def build_prompt_ids(
 def load_tokenizer(path: str | os.PathLike) -> Any:
     """The checkpoint's tokenizer, with the chat template from chat_template.jinja/.json if the config lacks one.
 
-    The class named in tokenizer_config.json (Qwen2Tokenizer), when transformers has one by that name:
-    AutoTokenizer would read the model config first, and transformers' config module imports torch when it
-    is installed (+210 MB resident, for nothing). AutoTokenizer otherwise."""
+    With a tokenizer.json (every Qwen3-VL checkpoint), transformers' tokenizer over that file as written
+    (`PreTrainedTokenizerFast`): the same ids as the Qwen2Tokenizer that AutoTokenizer picks, in half its
+    memory (48 vs 97 MB: Qwen2Tokenizer also keeps the 151k-entry vocab and merges as Python objects).
+    Otherwise the class named in tokenizer_config.json, when transformers has one by that name, else
+    AutoTokenizer. Never AutoTokenizer first: it reads the model config, and transformers' config module
+    imports torch when it is installed (+210 MB resident, for nothing)."""
     import transformers
 
     root = pathlib.Path(path)
     config = root / "tokenizer_config.json"
     name = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class", "") if config.exists() else ""
     cls = getattr(transformers, name, None) if name.isidentifier() else None
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase)):
+    if (root / "tokenizer.json").exists():
+        cls = transformers.PreTrainedTokenizerFast
+    elif not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase)):
         cls = transformers.AutoTokenizer
     tokenizer = cls.from_pretrained(path)
     if not tokenizer.chat_template:
