@@ -177,6 +177,34 @@ def test_a_stopped_batch_run_ends_with_its_partial_answer():
     assert not backend.lock.locked()
 
 
+def test_past_max_programs_the_server_drops_them_and_answers_the_same(capsys):
+    """In process: with server.max_programs=3, a request that finds more programs held drops them all first
+    (logged), compiles what it needs again and answers as before; under the limit nothing is dropped."""
+    import app
+    from vlm import load_model
+    from vlm.options import parse
+
+    opts = parse(["model.name=tiny", "server.max_programs=3"], ("model", "sampling", "server"), prog="app.py", environ={})
+    backend = app.Backend(opts)
+    backend.model, backend.params, backend.tokenizer = load_model("tiny")
+    backend.preprocess = backend.model.preprocess
+    backend.ready.set()
+
+    def answer(mode):
+        *_, (chat, stats, _tokens, _notes) = app.run(backend, PANDA, "Describe this image", [], mode, 0.7, 0.8, 20,
+                                                     12, 0)
+        return app.message_text(chat[-1]["content"]), stats
+
+    first = answer(STREAMING)  # vision tower, prefill, decode step: 3 programs, at the limit
+    assert backend.model.programs == 3 and "dropping" not in capsys.readouterr().err
+    batch = answer(BATCH)  # + the scan chunk: 4
+    assert backend.model.programs == 4 and "dropping" not in capsys.readouterr().err
+    again = answer(STREAMING)
+    assert "dropping 4 compiled programs (server.max_programs=3)" in capsys.readouterr().err
+    assert backend.model.programs == 3 and again[0] == first[0] and "compiled: yes" in again[1]
+    assert batch[0] == first[0]  # the same seed in both samplers
+
+
 def test_a_client_that_goes_away_ends_its_generation(server):
     from gradio_client import Client
 

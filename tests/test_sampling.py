@@ -189,6 +189,22 @@ def test_one_scan_program_for_every_length_the_cache_holds(ours):
     assert model.compile_count == before
 
 
+def test_dropped_programs_compile_again_and_answer_the_same(ours):
+    """drop_programs() (the demo's server.max_programs) forgets every compiled program: the next request
+    compiles its programs again and answers as before."""
+    model, params, tok = ours
+    inputs = prepare_inputs(model, params, tok, [_image(288, 256, 10)], ["What is this?"])
+    cfg = SamplingConfig(temperature=0.8, top_k=10, top_p=0.9, max_new_tokens=12)
+    before = sample(model, params, inputs, cfg, jax.random.key(3)), _stream(model, params, tok, inputs, cfg)
+    assert model.programs >= 4  # vision tower, prefill, scan, decode step (and earlier tests' programs)
+    model.drop_programs()
+    assert model.programs == 0
+    compiles = model.compile_count
+    again = sample(model, params, inputs, cfg, jax.random.key(3)), _stream(model, params, tok, inputs, cfg)
+    assert model.compile_count - compiles == model.programs == 4
+    assert again[0].tokens == before[0].tokens and again[1] == before[1]
+
+
 def _chunked_inputs(model, params, tok):
     return prepare_inputs(model, params, tok, [_image(256, 300, 8), None], ["Tell me a story about it.", "Say hi"])
 

@@ -115,6 +115,13 @@ class ServerOptions:
         "longest question accepted, in characters (the whole conversation: 8x this)",
         (lambda v: v >= 1, "an integer >= 1"),
     )
+    max_programs: int = _opt(
+        24,
+        "compiled programs kept (one per shape: image size, prompt and answer length; ~50 MB each for the 2B model "
+        "on a CPU); past this, all are dropped before the next request and compile again as needed (~0.5 s each "
+        "from the on-disk cache); 0 = keep all",
+        (lambda v: v >= 0, "an integer >= 0"),
+    )
     debug: bool = _opt(False, "show the text of unexpected errors in the page (tracebacks always go to the terminal)")
 
 
