@@ -10,6 +10,7 @@ from PIL import Image
 
 from vlm import SamplingConfig, load_model, prepare_inputs, sample, sample_streaming
 from vlm import sampling as S
+from vlm.inputs import bucket
 from vlm.sampling import STOP_CHUNK, Detokenizer, process_logits
 
 transformers = pytest.importorskip("transformers")
@@ -180,10 +181,13 @@ def test_one_scan_program_for_every_length_the_cache_holds(ours):
     another length in the same cache bucket compiles nothing, and its tokens are the longer run's prefix."""
     model, params, tok = ours
     inputs = prepare_inputs(model, params, tok, [_image(256, 300, 9), None], ["What is this?", "Say hi"])
-    cfg = SamplingConfig(temperature=0.8, top_k=10, top_p=0.9, max_new_tokens=40, eos_id=[-1])
+    cfg = SamplingConfig(temperature=0.8, top_k=10, top_p=0.9, max_new_tokens=90, eos_id=[-1])
+    lengths = (33, 50, 77)
+    prompt = inputs.prompt_tokens.shape[1]
+    assert len({bucket(prompt + n, S.CACHE_BUCKET_MIN) for n in (*lengths, 90)}) == 1  # one cache bucket
     long = sample(model, params, inputs, cfg, jax.random.key(5))
     before = model.compile_count
-    for n in (1, 7, 33):
+    for n in lengths:
         short = sample(model, params, inputs, replace(cfg, max_new_tokens=n), jax.random.key(5))
         assert short.tokens == [t[:n] for t in long.tokens]
     assert model.compile_count == before

@@ -20,7 +20,9 @@ from . import sharding as SH
 from .inputs import VLMInputs, bucket
 from .vision import encode
 
-CACHE_BUCKET_MIN = 256
+# KV cache slots: prompt bucket + max_new_tokens, rounded up to 128, 192, 256, 384, ... (2B: a batch-8 cache
+# of 128 slots holds 0.11 GiB)
+CACHE_BUCKET_MIN = 128
 TOP_K_FAST = 64  # top-k up to this takes lax.top_k, not a full sort (process_logits)
 # sample(should_stop=...) decodes in lax.scan chunks of this many steps and checks should_stop between them:
 # the same compiled chunk for every offset; a stop lands within ~2 s at a 2B CPU model's ~0.25 s a step.
