@@ -454,7 +454,8 @@ def run(
     try:
         limit = backend.opts.server.max_programs
         if limit and model.programs > limit:  # a long-running server: shapes seen once stop holding memory
-            log(f"dropping {model.programs} compiled programs (server.max_programs={limit}); they compile again as needed")
+            log(f"dropping {model.programs} compiled programs (server.max_programs={limit}); "
+                "they compile again as needed")
             model.drop_programs()
         try:
             inputs = prepare_inputs(

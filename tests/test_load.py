@@ -142,18 +142,26 @@ def test_stop_ends_a_batch_generation_within_a_chunk_and_frees_the_model(server)
         assert "4 tokens" in stats and "stopped" not in stats
 
 
+def loaded_backend(*argv: str):
+    """app.Backend for `app.py model.name=tiny *argv`, loaded in this process without the warm-up."""
+    import app
+    from vlm import load_model
+    from vlm.options import parse
+
+    backend = app.Backend(parse(["model.name=tiny", *argv], ("model", "sampling", "server"), prog="app.py", environ={}))
+    backend.model, backend.params, backend.tokenizer = load_model("tiny")
+    backend.preprocess = backend.model.preprocess
+    backend.ready.set()
+    return backend
+
+
 def test_a_stopped_batch_run_ends_with_its_partial_answer():
     """In process: app.run in Batch (scan) mode, stopped after two chunks, ends with the answer made so far
     and "· stopped" in its stats line, and frees the model lock."""
     import app
-    from vlm import load_model
-    from vlm.options import parse
     from vlm.sampling import STOP_CHUNK
 
-    backend = app.Backend(parse(["model.name=tiny"], ("model", "sampling", "server"), prog="app.py", environ={}))
-    backend.model, backend.params, backend.tokenizer = load_model("tiny")
-    backend.preprocess = backend.model.preprocess
-    backend.ready.set()
+    backend = loaded_backend()
 
     class StopAfterTwoChunks(app.Job):
         @property
@@ -181,14 +189,8 @@ def test_past_max_programs_the_server_drops_them_and_answers_the_same(capsys):
     """In process: with server.max_programs=3, a request that finds more programs held drops them all first
     (logged), compiles what it needs again and answers as before; under the limit nothing is dropped."""
     import app
-    from vlm import load_model
-    from vlm.options import parse
 
-    opts = parse(["model.name=tiny", "server.max_programs=3"], ("model", "sampling", "server"), prog="app.py", environ={})
-    backend = app.Backend(opts)
-    backend.model, backend.params, backend.tokenizer = load_model("tiny")
-    backend.preprocess = backend.model.preprocess
-    backend.ready.set()
+    backend = loaded_backend("server.max_programs=3")
 
     def answer(mode):
         *_, (chat, stats, _tokens, _notes) = app.run(backend, PANDA, "Describe this image", [], mode, 0.7, 0.8, 20,

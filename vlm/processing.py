@@ -336,12 +336,13 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
 
     root = pathlib.Path(path)
     config = root / "tokenizer_config.json"
-    name = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class", "") if config.exists() else ""
-    cls = getattr(transformers, name, None) if name.isidentifier() else None
     if (root / "tokenizer.json").exists():
         cls = transformers.PreTrainedTokenizerFast
-    elif not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase)):
-        cls = transformers.AutoTokenizer
+    else:
+        name = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class", "") if config.exists() else ""
+        cls = getattr(transformers, name, None) if name.isidentifier() else None
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase)):
+            cls = transformers.AutoTokenizer
     tokenizer = cls.from_pretrained(path)
     if not tokenizer.chat_template:
         if (root / "chat_template.jinja").exists():
