@@ -335,10 +335,10 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     import transformers
 
     root = pathlib.Path(path)
-    config = root / "tokenizer_config.json"
     if (root / "tokenizer.json").exists():
         cls = transformers.PreTrainedTokenizerFast
     else:
+        config = root / "tokenizer_config.json"
         name = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class", "") if config.exists() else ""
         cls = getattr(transformers, name, None) if name.isidentifier() else None
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase)):
