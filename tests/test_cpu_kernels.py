@@ -17,8 +17,23 @@ from PIL import Image
 
 from vlm import SamplingConfig, cpu_kernels, load_model, prepare_inputs, sample, sample_streaming
 from vlm import model as M
+from vlm.cache import cpu_flags
 from vlm import sampling as S
 from vlm.ops import attention, matmul_t, segment_attention, segment_ranges
+
+
+@pytest.fixture(autouse=True, scope="module")
+def prefill_kernels_everywhere():
+    """The prefill kernels (products of many rows, attention over key ranges) run where the build has
+    AVX-512; elsewhere XLA's products are faster, but the kernels are tested all the same: this module
+    turns them on there (test_which_products_use_which_kernel checks the choice itself)."""
+    assert cpu_kernels._load(), "the kernels should build here"
+    native = cpu_kernels._native
+    cpu_kernels._native = True
+    jax.clear_caches()  # the choice is made while tracing
+    yield
+    cpu_kernels._native = native
+    jax.clear_caches()
 
 
 def _bf16(rng, *shape):
@@ -57,34 +72,39 @@ def test_int8_kernel_is_xlas_int32_product_exactly(rows, k, n):
     assert np.array_equal(np.asarray(got), np.asarray(x, np.int64) @ np.asarray(w, np.int64).T)
 
 
-def test_portable_build_agrees_with_the_native_one():
-    """The plain vector code that CPUs without AVX-512 BF16/VNNI get, built here for a baseline CPU."""
-    march = {"x86_64": "x86-64-v2", "aarch64": "armv8-a"}.get(platform.machine())
+@pytest.mark.parametrize("build", ["portable", "avx512"])
+def test_the_other_builds_agree_with_the_native_one(build):
+    """The code other CPUs get, built here: plain vector code (no AVX-512), and AVX-512 without BF16 and
+    VNNI (bf16 widened to f32 for FMAs, int8 by vpmaddwd), as on Intel servers whose VM hides BF16."""
+    march = {("portable", "x86_64"): "x86-64-v2", ("portable", "aarch64"): "armv8-a",
+             ("avx512", "x86_64"): "skylake-avx512"}.get((build, platform.machine()))
     if march is None:
-        pytest.skip(f"no baseline -march known for {platform.machine()}")
-    cpu_kernels.register(ctypes.cdll.LoadLibrary(str(cpu_kernels._build(march))), prefix="portable_")
+        pytest.skip(f"no -march known for a {build} build on {platform.machine()}")
+    if build == "avx512" and not {"avx512f", "avx512bw"} <= set(cpu_flags().split()):
+        pytest.skip("this CPU cannot run AVX-512 code")
+    lib = ctypes.cdll.LoadLibrary(str(cpu_kernels._build(march)))
+    assert lib.VlmCpuKernelsNative() == (build == "avx512")  # without AVX-512 prefill keeps XLA's products
+    cpu_kernels.register(lib, prefix=f"{build}_")
     rng = np.random.default_rng(2)
     for dtype, target in [(jnp.bfloat16, "vlm_cpu_matvec_bf16"), (jnp.int8, "vlm_cpu_matvec_int8")]:
         x = jnp.asarray(rng.integers(-100, 100, (5, 384)), dtype)
         w = jnp.asarray(rng.integers(-100, 100, (21, 384)), dtype)
         native = np.asarray(jax.jit(cpu_kernels.matmul_t)(x, w))
         out = jax.ShapeDtypeStruct(native.shape, native.dtype)
-        portable = np.asarray(jax.jit(jax.ffi.ffi_call("portable_" + target, out))(x, w))
-        assert np.array_equal(portable, native), dtype  # small integers: every partial sum is exact
-    portable = ctypes.cdll.LoadLibrary(str(cpu_kernels._build(march)))
-    assert portable.VlmCpuKernelsNative() == 0  # so prefill keeps XLA's products there (~40 GFLOP/s here)
+        other = np.asarray(jax.jit(jax.ffi.ffi_call(f"{build}_{target}", out))(x, w))
+        assert np.array_equal(other, native), dtype  # small integers: every partial sum is exact
     x, w = (jnp.asarray(rng.integers(-100, 100, shape), jnp.bfloat16) for shape in [(70, 96), (13, 96)])
     live = jnp.asarray([[3, 30], [0, 35]], jnp.int32)  # two groups of 35 rows
     native = np.asarray(jax.jit(cpu_kernels.matmul_t)(x, w, live))
-    call = jax.ffi.ffi_call("portable_vlm_cpu_matmul_bf16", jax.ShapeDtypeStruct(native.shape, native.dtype))
+    call = jax.ffi.ffi_call(f"{build}_vlm_cpu_matmul_bf16", jax.ShapeDtypeStruct(native.shape, native.dtype))
     assert np.array_equal(np.asarray(jax.jit(call)(x, w, live)), native)
     q, k, v = _bf16(rng, 2, 40, 4, 24), _bf16(rng, 2, 2, 40, 24), _bf16(rng, 2, 2, 40, 24)
     runs = np.repeat([[0, 17, 36], [17, 36, 40]], [17, 19, 4], axis=1)  # three images' [lo, hi), 2 rows
     lo, hi = (jnp.asarray(np.tile(r, (2, 1)), jnp.int32) for r in runs)
     native = np.asarray(jax.jit(cpu_kernels.range_attention, static_argnums=5)(q, k, v, lo, hi, 0.2), np.float32)
-    call = jax.ffi.ffi_call("portable_vlm_cpu_range_attention_bf16", jax.ShapeDtypeStruct(q.shape, jnp.bfloat16))
-    portable = np.asarray(jax.jit(lambda *a: call(*a, scale=np.float32(0.2)))(q, k, v, lo, hi), np.float32)
-    np.testing.assert_allclose(portable, native, rtol=0, atol=2**-7 * np.abs(native).max())  # bf16 rounding
+    call = jax.ffi.ffi_call(f"{build}_vlm_cpu_range_attention_bf16", jax.ShapeDtypeStruct(q.shape, jnp.bfloat16))
+    other = np.asarray(jax.jit(lambda *a: call(*a, scale=np.float32(0.2)))(q, k, v, lo, hi), np.float32)
+    np.testing.assert_allclose(other, native, rtol=0, atol=2**-7 * np.abs(native).max())  # bf16 rounding
 
 
 def test_a_rows_result_does_not_depend_on_the_batch():
@@ -133,7 +153,7 @@ def test_which_products_use_which_kernel(monkeypatch):
     assert not _uses_kernel(mm, jnp.ones((1, 128)), w.astype(jnp.float32), kernel="custom_call")  # f32: XLA
     assert not _uses_kernel(mm, _bf16(rng, 1, 100), _bf16(rng, 64, 100), kernel="custom_call")  # K % 32 != 0
     assert cpu_kernels.range_attention_applies(_bf16(rng, 1, 2, 8, 64))
-    monkeypatch.setattr(cpu_kernels, "_native", False)  # a CPU without AVX-512 BF16: prefill stays on XLA
+    monkeypatch.setattr(cpu_kernels, "_native", False)  # a CPU without AVX-512: prefill stays on XLA
     jax.clear_caches()  # the choice is made while tracing
     assert _uses_kernel(mm, _bf16(rng, 1, 128), w) and not _uses_kernel(mm, prompt, w, kernel="custom_call")
     assert not cpu_kernels.range_attention_applies(_bf16(rng, 1, 2, 8, 64))

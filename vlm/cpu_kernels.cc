@@ -26,8 +26,18 @@
 
 #include "xla/ffi/api/ffi.h"
 
-#if defined(__AVX512BF16__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// Three builds, by what -march=native finds: AVX-512 with BF16 (vdpbf16ps) and VNNI (vpdpwssd), as on
+// AMD Zen 4; AVX-512 without them (bf16 widened to f32 by a shift or a mask, then FMAs), as on Intel
+// servers whose VM hides BF16; portable vector code elsewhere.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
+#define VLM_AVX512 1
+#if defined(__AVX512BF16__)
+#define VLM_AVX512_BF16 1
+#endif
+#if defined(__AVX512VNNI__)
+#define VLM_AVX512_VNNI 1
+#endif
 #endif
 
 namespace ffi = xla::ffi;
@@ -41,21 +51,48 @@ constexpr int64_t kAlign = 32;  // K must be a multiple (Qwen3-VL's are; vlm/cpu
 
 // Each Op multiplies one element type: In (x and w), Out (y), a vector accumulator Acc that takes
 // `kStep` elements of k (a divisor of kAlign) per madd, and `total` (a fixed-order sum).
-#if defined(__AVX512BF16__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(VLM_AVX512)
 
-struct Bf16 {  // 32 bf16 pairs into 16 f32 lanes (vdpbf16ps)
+// 32 bf16 as two vectors of 16 f32: the even elements (shifted up 16 bits) and the odd ones (masked).
+struct Bf16Pairs {
+  __m512 even, odd;
+};
+inline Bf16Pairs split_bf16_pairs(__m512i v) {
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)),
+          _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xFFFF0000u))))};
+}
+
+struct Bf16 {  // 32 bf16 pairs into 16 f32 lanes: one vdpbf16ps, or two FMAs (exact products either way)
   using In = uint16_t;
   using Out = float;
   using Acc = __m512;
+#if defined(VLM_AVX512_BF16)
   using Vec = __m512bh;
-  static constexpr int kStep = 32;
-  static Acc zero() { return _mm512_setzero_ps(); }
   static Vec load(const In* p) { return (Vec)_mm512_loadu_si512(p); }
   static Acc madd(Acc acc, Vec w, Vec x) { return _mm512_dpbf16_ps(acc, w, x); }
+#else
+  using Vec = Bf16Pairs;
+  static Vec load(const In* p) { return split_bf16_pairs(_mm512_loadu_si512(p)); }
+  static Acc madd(Acc acc, Vec w, Vec x) { return _mm512_fmadd_ps(w.odd, x.odd, _mm512_fmadd_ps(w.even, x.even, acc)); }
+  // x, which every weight row meets, is split into f32 pairs once per call, not at every load:
+  // each 32 elements as their 16 even ones then their 16 odd ones, so x[r * K + k] stays the address.
+  using XIn = float;
+  static Vec load_x(const XIn* p) { return {_mm512_loadu_ps(p), _mm512_loadu_ps(p + 16)}; }
+  static const XIn* prepare_x(const In* x, int64_t n, std::vector<XIn>& scratch) {
+    scratch.resize(n);
+    for (int64_t i = 0; i < n; i += kStep) {
+      const Vec v = load(x + i);
+      _mm512_storeu_ps(scratch.data() + i, v.even), _mm512_storeu_ps(scratch.data() + i + 16, v.odd);
+    }
+    return scratch.data();
+  }
+#endif
+  static constexpr int kStep = 32;
+  static Acc zero() { return _mm512_setzero_ps(); }
   static Out total(Acc acc) { return _mm512_reduce_add_ps(acc); }
 };
 
-struct Int8 {  // 32 int8 widened to int16, pairs into 16 int32 lanes (vpdpwssd): exact
+struct Int8 {  // 32 int8 widened to int16, pairs into 16 int32 lanes (vpdpwssd, or vpmaddwd + add): exact
   using In = int8_t;
   using Out = int32_t;
   using Acc = __m512i;
@@ -63,7 +100,11 @@ struct Int8 {  // 32 int8 widened to int16, pairs into 16 int32 lanes (vpdpwssd)
   static constexpr int kStep = 32;
   static Acc zero() { return _mm512_setzero_si512(); }
   static Vec load(const In* p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)p)); }
+#if defined(VLM_AVX512_VNNI)
   static Acc madd(Acc acc, Vec w, Vec x) { return _mm512_dpwssd_epi32(acc, w, x); }
+#else
+  static Acc madd(Acc acc, Vec w, Vec x) { return _mm512_add_epi32(acc, _mm512_madd_epi16(w, x)); }
+#endif
   static Out total(Acc acc) { return _mm512_reduce_add_epi32(acc); }
 };
 
@@ -105,10 +146,24 @@ using Int8 = Portable<int8_t, int32_t, i32x16>;
 
 #endif
 
+// x as the Op reads it: as given, or, where the Op has an XIn, converted once per call by Op::prepare_x.
+template <typename Op, typename = void>
+struct XOf {
+  using In = typename Op::In;
+  static typename Op::Vec load(const In* p) { return Op::load(p); }
+  static const In* prepare(const In* x, int64_t, std::vector<In>&) { return x; }
+};
+template <typename Op>
+struct XOf<Op, std::void_t<typename Op::XIn>> {
+  using In = typename Op::XIn;
+  static typename Op::Vec load(const In* p) { return Op::load_x(p); }
+  static const In* prepare(const typename Op::In* x, int64_t n, std::vector<In>& s) { return Op::prepare_x(x, n, s); }
+};
+
 // y[r, i] for RB rows of x and NB rows of w: each weight vector is loaded once for RB rows and each x
 // vector once for NB weight rows; one accumulator per (r, i). K is a multiple of kAlign.
 template <typename Op, int RB, int NB>
-void tile(const typename Op::In* x, const typename Op::In* w, typename Op::Out* y, int64_t K, int64_t N) {
+void tile(const typename XOf<Op>::In* x, const typename Op::In* w, typename Op::Out* y, int64_t K, int64_t N) {
   typename Op::Acc acc[RB][NB];
   for (int r = 0; r < RB; ++r)
     for (int i = 0; i < NB; ++i) acc[r][i] = Op::zero();
@@ -119,7 +174,7 @@ void tile(const typename Op::In* x, const typename Op::In* w, typename Op::Out* 
     // and one core read 17 GB/s instead of 25 (two: ~170 instead of ~250 GFLOP/s at 8 rows)
     for (int i = 0; i < NB; ++i) __builtin_prefetch(w + (NB + i) * K + k, 0, 2);
     for (int r = 0; r < RB; ++r) {
-      const typename Op::Vec xv = Op::load(x + r * K + k);
+      const typename Op::Vec xv = XOf<Op>::load(x + r * K + k);
       for (int i = 0; i < NB; ++i) acc[r][i] = Op::madd(acc[r][i], wv[i], xv);
     }
   }
@@ -129,7 +184,7 @@ void tile(const typename Op::In* x, const typename Op::In* w, typename Op::Out* 
 
 // tile<Op, rb, nb> for rb <= RB, nb <= NB known only at run time (the edges of the matrices).
 template <typename Op, int RB, int NB>
-void any_tile(int64_t rb, int64_t nb, const typename Op::In* x, const typename Op::In* w, typename Op::Out* y,
+void any_tile(int64_t rb, int64_t nb, const typename XOf<Op>::In* x, const typename Op::In* w, typename Op::Out* y,
               int64_t K, int64_t N) {
   if constexpr (RB > 1)
     if (rb < RB) return any_tile<Op, RB - 1, NB>(rb, nb, x, w, y, K, N);
@@ -141,7 +196,7 @@ void any_tile(int64_t rb, int64_t nb, const typename Op::In* x, const typename O
 // y[:, n0:n1] for all R rows, in kRowTile x kColTile tiles (smaller at the edges); one row in 1 x 8 tiles
 // (more weight rows in flight: ~10 % faster on one core).
 template <typename Op>
-void columns(const typename Op::In* x, const typename Op::In* w, typename Op::Out* y, int64_t R, int64_t K,
+void columns(const typename XOf<Op>::In* x, const typename Op::In* w, typename Op::Out* y, int64_t R, int64_t K,
              int64_t N, int64_t n0, int64_t n1) {
   if (R == 1) {
     for (int64_t n = n0; n < n1; n += 2 * kColTile)
@@ -182,10 +237,11 @@ ffi::Error Matvec(ffi::ThreadPool pool, ffi::Buffer<In> x, ffi::Buffer<In> w, ff
   const auto wd = w.dimensions();
   if (wd.size() != 2 || wd[1] % kAlign != 0 || x.element_count() % wd[1] != 0)
     return ffi::Error::InvalidArgument("cpu_kernels: expected x [R, K] and w [N, K] with K a multiple of 32");
-  const auto* xp = reinterpret_cast<const typename Op::In*>(x.untyped_data());
   const auto* wp = reinterpret_cast<const typename Op::In*>(w.untyped_data());
   auto* yp = reinterpret_cast<typename Op::Out*>(y->untyped_data());
   const int64_t N = wd[0], K = wd[1], R = x.element_count() / K;
+  thread_local std::vector<typename XOf<Op>::In> scratch;  // the caller's; the pool's threads only read it
+  const auto* xp = XOf<Op>::prepare(reinterpret_cast<const typename Op::In*>(x.untyped_data()), R * K, scratch);
   // ~64 chunks (whole column tiles) balance the threads when one of them starts late.
   const int64_t chunk = std::max<int64_t>(2 * kColTile, (N + 63) / 64 / (2 * kColTile) * (2 * kColTile));
   parallel_for(pool, (N + chunk - 1) / chunk,
@@ -302,14 +358,19 @@ ffi::Error AttendOneQuery(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::B
 // The inner loop of the prefill's attention and of the product of many rows: a pair of bf16 (two
 // consecutive k) of one row, broadcast, against the same pair of 16 rows of the other operand, packed
 // side by side in one vector ("pairs" below are such 32-bit words; bf16 data read as uint32).
-#if defined(__AVX512BF16__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
-struct PairDot {  // 16 f32 lanes += a.lo * b.lo + a.hi * b.hi over bf16 pairs (vdpbf16ps)
+#if defined(VLM_AVX512)
+struct PairDot {  // 16 f32 lanes += a.lo * b.lo + a.hi * b.hi over bf16 pairs (vdpbf16ps, or two FMAs)
   using Acc = __m512;
-  using Pairs = __m512bh;
+  using Pairs = Bf16::Vec;
   static Acc zero() { return _mm512_setzero_ps(); }
+#if defined(VLM_AVX512_BF16)
   static Pairs load(const uint32_t* p) { return (Pairs)_mm512_loadu_si512(p); }
   static Pairs broadcast(uint32_t pair) { return (Pairs)_mm512_set1_epi32(int(pair)); }
-  static Acc madd(Acc acc, Pairs a, Pairs b) { return _mm512_dpbf16_ps(acc, a, b); }
+#else
+  static Pairs load(const uint32_t* p) { return split_bf16_pairs(_mm512_loadu_si512(p)); }
+  static Pairs broadcast(uint32_t pair) { return split_bf16_pairs(_mm512_set1_epi32(int(pair))); }
+#endif
+  static Acc madd(Acc acc, Pairs a, Pairs b) { return Bf16::madd(acc, a, b); }
   static Acc load_f32(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, Acc acc) { _mm512_storeu_ps(p, acc); }
 };
@@ -591,10 +652,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmCpuMatmulBf16, Matmul,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::BF16>>().Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>().Ret<ffi::Buffer<ffi::F32>>());
 
-// 1 where the kernels were built with AVX-512 BF16 (vdpbf16ps): only there do the prefill kernels beat
-// XLA's (the portable product of many rows runs ~40 GFLOP/s); the decode ones are memory-bound anyway.
+// 1 where the kernels were built with AVX-512: only there do the prefill kernels beat XLA's (the portable
+// product of many rows runs ~40 GFLOP/s); the decode ones are memory-bound anyway.
 extern "C" int VlmCpuKernelsNative() {
-#if defined(__AVX512BF16__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(VLM_AVX512)
   return 1;
 #else
   return 0;

@@ -9,20 +9,22 @@ through jax.ffi, where XLA:CPU's own are slow:
 - bf16 products of more rows (a prefill, the vision tower): XLA's GEMM repacks the whole weight matrix
   at every call, ~360 GFLOP/s at 256 rows; the kernel packs the rows instead and reads the weights in
   place, ~390-410 (at 900 rows XLA's is ~5-10 % faster; one kernel for all keeps a row's result
-  independent of the batch it is in);
+  independent of the batch it is in). On a 2-core Intel Xeon without AVX-512 BF16 (bf16 widened to f32
+  for FMAs): 168-197 GFLOP/s against XLA's 134-164;
 - one query token's attention over a bf16 KV cache (XLA's batched bf16 dots read the cache slowly: at
   batch 8 x 384 slots they took a quarter of the step);
 - attention over one range of keys per query, a prefill's: the vision tower's (each patch over its own
   image's patches; XLA's took ~40 ms a layer at 896 patches, a third of the 2B tower, the kernel ~11) and
   a prompt's (causal, where XLA runs the products in f32).
 `vlm.ops` decides while tracing, on a single CPU device only (not on a mesh); f32 weights keep XLA's
-products (at memory speed there), and so do prefills on CPUs without AVX-512 BF16 (the portable build of
+products (at memory speed there), and so do prefills on CPUs without AVX-512 (the portable build of
 the prefill kernels is ~9x slower than XLA's GEMM; the decode ones are memory-bound either way).
 
 They are compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`; ~8 s, once) against
 the XLA FFI headers that ship with jaxlib, for this CPU (-march=native: vdpbf16ps / vpdpwssd with
-AVX-512 BF16 and VNNI, portable vector code elsewhere), and cached under $VLM_CACHE/kernels. Without a
-compiler, or with VLM_CPU_KERNELS=0, everything runs on XLA (a one-line warning says why).
+AVX-512 BF16 and VNNI, AVX-512 FMAs without them, portable vector code elsewhere), and cached under
+$VLM_CACHE/kernels. Without a compiler, or with VLM_CPU_KERNELS=0, everything runs on XLA (a one-line
+warning says why).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def enabled() -> bool:
 
 def applies(x: jax.Array, w: jax.Array) -> bool:
     """Whether `vlm.ops.matmul_t(x, w)` runs on a kernel: bf16 x and w, or int8 w (x then goes to int8 per
-    row, vlm/quantize.py); at most MAX_ROWS rows, or any number in bf16 where the CPU has AVX-512 BF16; a
+    row, vlm/quantize.py); at most MAX_ROWS rows, or any number in bf16 where the CPU has AVX-512; a
     multiple of 32 columns (all of Qwen3-VL's); one CPU device; not disabled; built. Decided while
     tracing, so it costs nothing at run time."""
     bf16 = x.dtype == w.dtype == jnp.bfloat16
@@ -78,7 +80,7 @@ def attention_applies(k: jax.Array) -> bool:
 
 def range_attention_applies(k: jax.Array) -> bool:
     """Whether attention over key ranges (`range_attention`) runs on the kernel for keys `k` [B, Hk, S, D]:
-    bf16, D even and at most 128, on one CPU device with AVX-512 BF16, not disabled, built."""
+    bf16, D even and at most 128, on one CPU device with AVX-512, not disabled, built."""
     return k.dtype == jnp.bfloat16 and k.shape[-1] % 2 == 0 and k.shape[-1] <= 128 and _usable() and _native
 
 
@@ -119,7 +121,7 @@ def matmul_t(x: jax.Array, w: jax.Array, live: jax.Array | None = None) -> jax.A
 
 _lock = threading.Lock()
 _loaded: bool | None = None
-_native = False  # built with AVX-512 BF16: the prefill kernels (products of many rows, attention) apply
+_native = False  # built with AVX-512: the prefill kernels (products of many rows, attention) apply
 
 
 def _load() -> bool:
