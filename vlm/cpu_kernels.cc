@@ -53,6 +53,17 @@ constexpr int64_t kAlign = 32;  // K must be a multiple (Qwen3-VL's are; vlm/cpu
 // `kStep` elements of k (a divisor of kAlign) per madd, and `total` (a fixed-order sum).
 #if defined(VLM_AVX512)
 
+// A bf16 pair as two f32 (bf16 is f32's upper half): the even element and the odd one.
+struct SplitPair {
+  float even, odd;
+};
+inline SplitPair split_pair(uint32_t bits) {
+  const uint32_t even = bits << 16, odd = bits & 0xFFFF0000u;
+  SplitPair p;
+  std::memcpy(&p.even, &even, 4), std::memcpy(&p.odd, &odd, 4);
+  return p;
+}
+
 // 32 bf16 as two vectors of 16 f32: the even elements (shifted up 16 bits) and the odd ones (masked).
 struct Bf16Pairs {
   __m512 even, odd;
@@ -369,6 +380,7 @@ struct PairDot {  // 16 f32 lanes += a.lo * b.lo + a.hi * b.hi over bf16 pairs (
 #else
   static Pairs load(const uint32_t* p) { return split_bf16_pairs(_mm512_loadu_si512(p)); }
   static Pairs broadcast(uint32_t pair) { return split_bf16_pairs(_mm512_set1_epi32(int(pair))); }
+  static Pairs broadcast(const SplitPair& pair) { return {_mm512_set1_ps(pair.even), _mm512_set1_ps(pair.odd)}; }
 #endif
   static Acc madd(Acc acc, Pairs a, Pairs b) { return Bf16::madd(acc, a, b); }
   static Acc load_f32(const float* p) { return _mm512_loadu_ps(p); }
@@ -403,9 +415,10 @@ struct PairDot {  // the same in portable vector code
 
 // o[r, 16c + l] (+)= sum over t < T of a[r, t] . b[t, c, l] for R rows and C vectors: row r's pair t
 // (at a + r * as + t) broadcast against 16 packed pairs (vector c of pair t, at b + t * bt + c * bc),
-// one f32 accumulator vector per (r, c); o's rows `os` floats apart.
-template <int R, int C>
-void pair_tile(const uint32_t* a, int64_t as, const uint32_t* b, int64_t bt, int64_t bc, int64_t T, float* o,
+// one f32 accumulator vector per (r, c); o's rows `os` floats apart. `a`'s pairs are bf16 bits, or
+// (AVX-512 without BF16) already split into f32.
+template <int R, int C, typename A>
+void pair_tile(const A* a, int64_t as, const uint32_t* b, int64_t bt, int64_t bc, int64_t T, float* o,
                int64_t os, bool accumulate) {
   PairDot::Acc acc[R][C];
   for (int r = 0; r < R; ++r)
@@ -423,14 +436,14 @@ void pair_tile(const uint32_t* a, int64_t as, const uint32_t* b, int64_t bt, int
 }
 
 // pair_tile<r, c> for r <= R, c <= C known at run time (the edges).
-template <int R, int C>
-void pair_any(int64_t r, int64_t c, const uint32_t* a, int64_t as, const uint32_t* b, int64_t bt, int64_t bc,
+template <int R, int C, typename A>
+void pair_any(int64_t r, int64_t c, const A* a, int64_t as, const uint32_t* b, int64_t bt, int64_t bc,
               int64_t T, float* o, int64_t os, bool accumulate) {
   if constexpr (R > 1)
-    if (r < R) return pair_any<R - 1, C>(r, c, a, as, b, bt, bc, T, o, os, accumulate);
+    if (r < R) return pair_any<R - 1, C, A>(r, c, a, as, b, bt, bc, T, o, os, accumulate);
   if constexpr (C > 1)
-    if (c < C) return pair_any<R, C - 1>(r, c, a, as, b, bt, bc, T, o, os, accumulate);
-  pair_tile<R, C>(a, as, b, bt, bc, T, o, os, accumulate);
+    if (c < C) return pair_any<R, C - 1, A>(r, c, a, as, b, bt, bc, T, o, os, accumulate);
+  pair_tile<R, C, A>(a, as, b, bt, bc, T, o, os, accumulate);
 }
 
 // ---------------------------------------------------------------- attention over key ranges (prefill)
@@ -617,11 +630,25 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ff
     acc.resize(kWeightRows * cols);
     for (int64_t n0 = col * kTaskRows; n0 < n1; n0 += kWeightRows) {
       const int64_t rows_w = std::min<int64_t>(kWeightRows, N - n0);
-      for (int64_t k0 = 0; k0 < K2; k0 += kc)
+      for (int64_t k0 = 0; k0 < K2; k0 += kc) {
+        const int64_t T = std::min(kc, K2 - k0);
+#if defined(VLM_AVX512) && !defined(VLM_AVX512_BF16)
+        // the tile's weight pairs split into f32 once for all its blocks of x, not at every broadcast
+        thread_local std::vector<SplitPair> split;
+        split.resize(kWeightRows * kc);
+        for (int64_t r = 0; r < rows_w; ++r)
+          for (int64_t t = 0; t < T; ++t) split[r * kc + t] = split_pair(ww[(n0 + r) * K2 + k0 + t]);
+        const SplitPair* a = split.data();
+        const int64_t as = kc;
+#else
+        const uint32_t* a = ww + n0 * K2 + k0;
+        const int64_t as = K2;
+#endif
         for (int64_t b = b0; b < b1; ++b)  // the last block: only its vectors of 16 rows that hold live rows
-          pair_any<kWeightRows, kXBlock / 16>(rows_w, std::min<int64_t>(kXBlock, R - b * kXBlock + 15) / 16,
-                                             ww + n0 * K2 + k0, K2, xt.data() + (b * K2 + k0) * kXBlock, kXBlock, 16,
-                                             std::min(kc, K2 - k0), acc.data() + (b - b0) * kXBlock, cols, k0 > 0);
+          pair_any<kWeightRows, kXBlock / 16>(rows_w, std::min<int64_t>(kXBlock, R - b * kXBlock + 15) / 16, a, as,
+                                             xt.data() + (b * K2 + k0) * kXBlock, kXBlock, 16, T,
+                                             acc.data() + (b - b0) * kXBlock, cols, k0 > 0);
+      }
       for (int64_t m = m0; m < std::min(R, m0 + cols); ++m)
         for (int64_t r = 0; r < rows_w; ++r) yp[rows[m] * N + n0 + r] = acc[r * cols + m - m0];
     }
