@@ -44,6 +44,13 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+inline float bf16_to_f32(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
 constexpr int kRowTile = 4;  // rows of x sharing each weight load
 constexpr int kColTile = 4;  // rows of w sharing each x load
 
@@ -58,10 +65,7 @@ struct SplitPair {
   float even, odd;
 };
 inline SplitPair split_pair(uint32_t bits) {
-  const uint32_t even = bits << 16, odd = bits & 0xFFFF0000u;
-  SplitPair p;
-  std::memcpy(&p.even, &even, 4), std::memcpy(&p.odd, &odd, 4);
-  return p;
+  return {bf16_to_f32(uint16_t(bits)), bf16_to_f32(uint16_t(bits >> 16))};
 }
 
 // 32 bf16 as two vectors of 16 f32: the even elements (shifted up 16 bits) and the odd ones (masked).
@@ -264,13 +268,6 @@ ffi::Error Matvec(ffi::ThreadPool pool, ffi::Buffer<In> x, ffi::Buffer<In> w, ff
 // softmax over the slots `keep` keeps, probabilities rounded to bf16 (as vlm.ops.attention does), then
 // their weighted sum of the V rows in f32. q [B, Kv, G, D], k/v [B, Kv, S, D],
 // keep [B, S], scale -> out [B, Kv, G, D] f32. Each (row, kv head) is one task: rows stay independent.
-inline float bf16_to_f32(uint16_t h) {
-  const uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
 inline uint16_t f32_to_bf16(float f) {  // round to nearest even (finite values)
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
