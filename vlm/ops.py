@@ -34,11 +34,18 @@ def matmul_t(x: jax.Array, w: jax.Array, out_dtype=None, scale: jax.Array | None
     return _product(x, w, scale).astype(out_dtype)
 
 
+def einsum(spec: str, a: jax.Array, b: jax.Array, acc=jnp.float32) -> jax.Array:
+    """jnp.einsum of two operands accumulated in `acc`, float32 ones multiplied in full f32: on GPUs
+    XLA's default for them is TF32 (10-bit mantissas), which put the tiny f32 model's logits 40x past
+    the parity tolerance with transformers on an H200."""
+    precision = "highest" if a.dtype == b.dtype == jnp.float32 else None
+    return jnp.einsum(spec, a, b, preferred_element_type=acc, precision=precision)
+
+
 def _xla_product(x: jax.Array, w: jax.Array) -> jax.Array:
     """x @ w.T: float -> f32 (for bf16, given a bf16 result type XLA:CPU first converts the whole weight
     matrix to f32), int8 -> int32."""
-    acc = jnp.int32 if w.dtype == jnp.int8 else jnp.float32
-    return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=acc)
+    return einsum("...i,oi->...o", x, w, acc=jnp.int32 if w.dtype == jnp.int8 else jnp.float32)
 
 
 def _product(x: jax.Array, w: jax.Array, scale: jax.Array | None, dot=_xla_product) -> jax.Array:
@@ -112,10 +119,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, lo: jax.Array, hi: jax.A
     if cpu_kernels.range_attention_applies(k):  # a bf16 prefill on a CPU
         return cpu_kernels.range_attention(q.reshape(b, t, kv * g, d), k, v, lo, hi, d**-0.5).reshape(b, t, -1)
     rows = jnp.moveaxis(q, 1, 3).reshape(b, kv, g * t, d)  # [B, K, G*T, D]
-    scores = jnp.einsum("bkmd,bksd->bkms", rows, k, preferred_element_type=jnp.float32) * d**-0.5
+    scores = einsum("bkmd,bksd->bkms", rows, k) * d**-0.5
     scores = jnp.where(mask[:, None, None], scores.reshape(b, kv, g, t, -1), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * t, -1)
-    out = jnp.einsum("bkms,bksd->bkmd", probs, v, preferred_element_type=jnp.float32)  # [B, K, G*T, D]
+    out = einsum("bkms,bksd->bkmd", probs, v)  # [B, K, G*T, D]
     return jnp.moveaxis(out.reshape(b, kv, g, t, d), 3, 1).reshape(b, t, -1).astype(v.dtype)
 
 
@@ -129,10 +136,10 @@ def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment: jax.Arr
         lo, hi = segment_ranges(segment)
         k, v = (jnp.swapaxes(a, 0, 1)[None] for a in (k, v))  # [1, H, N, D]
         return cpu_kernels.range_attention(q[None], k, v, lo[None], hi[None], scale)[0]
-    scores = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) * scale
+    scores = einsum("qhd,khd->hqk", q, k) * scale
     scores = jnp.where((segment[:, None] == segment[None, :])[None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("hqk,khd->qhd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+    return einsum("hqk,khd->qhd", probs, v).astype(v.dtype)
 
 
 def segment_ranges(segment: jax.Array) -> tuple[jax.Array, jax.Array]:
