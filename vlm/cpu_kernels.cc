@@ -413,19 +413,37 @@ struct PairDot {  // the same in portable vector code
 // o[r, 16c + l] (+)= sum over t < T of a[r, t] . b[t, c, l] for R rows and C vectors: row r's pair t
 // (at a + r * as + t) broadcast against 16 packed pairs (vector c of pair t, at b + t * bt + c * bc),
 // one f32 accumulator vector per (r, c); o's rows `os` floats apart. `a`'s pairs are bf16 bits, or
-// (AVX-512 without BF16) already split into f32.
-template <int R, int C, typename A>
-void pair_tile(const A* a, int64_t as, const uint32_t* b, int64_t bt, int64_t bc, int64_t T, float* o,
-               int64_t os, bool accumulate) {
+// (AVX-512 without BF16) already split into f32; so may `b`'s be (B = float: pair t's even elements,
+// then its odd ones bt / 2 floats later).
+template <int R, int C, typename A, typename B>
+void pair_tile(const A* a, int64_t as, const B* b, int64_t bt, int64_t bc, int64_t T, float* o, int64_t os,
+               bool accumulate) {
   PairDot::Acc acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = accumulate ? PairDot::load_f32(o + r * os + c * 16) : PairDot::zero();
-  for (int64_t t = 0; t < T; ++t) {
-    PairDot::Pairs bv[C];
-    for (int c = 0; c < C; ++c) bv[c] = PairDot::load(b + t * bt + c * bc);
-    for (int r = 0; r < R; ++r) {
-      const PairDot::Pairs av = PairDot::broadcast(a[r * as + t]);
-      for (int c = 0; c < C; ++c) acc[r][c] = PairDot::madd(acc[r][c], bv[c], av);
+#if defined(VLM_AVX512) && !defined(VLM_AVX512_BF16)
+  if constexpr (std::is_same_v<B, float>) {
+    // the even elements, then the odd ones: C vectors of b and R x C accumulators fit the 32 registers
+    // (both halves at once spilled 3 of 24 accumulators on every pair); the same FMAs in the same order
+    for (int64_t t = 0; t < T; ++t)
+      for (int h = 0; h < 2; ++h) {
+        __m512 bv[C];
+        for (int c = 0; c < C; ++c) bv[c] = _mm512_loadu_ps(b + t * bt + h * bt / 2 + c * bc);
+        for (int r = 0; r < R; ++r) {
+          const __m512 av = _mm512_set1_ps(h ? a[r * as + t].odd : a[r * as + t].even);
+          for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(bv[c], av, acc[r][c]);
+        }
+      }
+  } else
+#endif
+  {
+    for (int64_t t = 0; t < T; ++t) {
+      PairDot::Pairs bv[C];
+      for (int c = 0; c < C; ++c) bv[c] = PairDot::load(b + t * bt + c * bc);
+      for (int r = 0; r < R; ++r) {
+        const PairDot::Pairs av = PairDot::broadcast(a[r * as + t]);
+        for (int c = 0; c < C; ++c) acc[r][c] = PairDot::madd(acc[r][c], bv[c], av);
+      }
     }
   }
   for (int r = 0; r < R; ++r)
@@ -433,14 +451,14 @@ void pair_tile(const A* a, int64_t as, const uint32_t* b, int64_t bt, int64_t bc
 }
 
 // pair_tile<r, c> for r <= R, c <= C known at run time (the edges).
-template <int R, int C, typename A>
-void pair_any(int64_t r, int64_t c, const A* a, int64_t as, const uint32_t* b, int64_t bt, int64_t bc,
-              int64_t T, float* o, int64_t os, bool accumulate) {
+template <int R, int C, typename A, typename B>
+void pair_any(int64_t r, int64_t c, const A* a, int64_t as, const B* b, int64_t bt, int64_t bc, int64_t T,
+              float* o, int64_t os, bool accumulate) {
   if constexpr (R > 1)
-    if (r < R) return pair_any<R - 1, C, A>(r, c, a, as, b, bt, bc, T, o, os, accumulate);
+    if (r < R) return pair_any<R - 1, C>(r, c, a, as, b, bt, bc, T, o, os, accumulate);
   if constexpr (C > 1)
-    if (c < C) return pair_any<R, C - 1, A>(r, c, a, as, b, bt, bc, T, o, os, accumulate);
-  pair_tile<R, C, A>(a, as, b, bt, bc, T, o, os, accumulate);
+    if (c < C) return pair_any<R, C - 1>(r, c, a, as, b, bt, bc, T, o, os, accumulate);
+  pair_tile<R, C>(a, as, b, bt, bc, T, o, os, accumulate);
 }
 
 // ---------------------------------------------------------------- attention over key ranges (prefill)
@@ -575,16 +593,33 @@ ffi::Error RangeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::B
 // (Hugging Face layout) -> f32 [M, N]. x is packed once, transposed into blocks of 64 rows of bf16 pairs
 // ([M/64][K/2][64]), so that pair_tile takes one pair of a weight row, broadcast, against the same pair
 // of 64 rows of x: the weights are read in place, in their own layout, where a generic GEMM (XLA's)
-// first repacks the whole weight matrix, which is N/M times larger than x. Each tile is kWeightRows rows
-// of w against up to 256 rows of x, its accumulators in a small per-thread scratch [kWeightRows][256]
-// (L1) across K's blocks, written to y at the end. Only the rows `live` names are computed (a bucket's
+// first repacks the whole weight matrix, which is N/M times larger than x. A task is kTaskRows rows of w
+// against up to 256 rows of x, its accumulators in a per-thread scratch [kTaskRows][256] across K's
+// blocks, written to y at the end; each block of K of x (in L2) serves all of the task's weight rows, in
+// tiles of kWeightRows (with one block per weight tile, x was read from L3 once per tile: 1.3x slower on
+// a 2-core Xeon). Only the rows `live` names are computed (a bucket's
 // padding is not): x's M rows are G groups of M/G (a prompt's rows, one image batch), and group g needs
 // rows [live[g][0], live[g][1]); the others are packed out, and their rows of y are zero. The last block of
 // 64 rows runs only its vectors of 16 rows that hold live rows.
 constexpr int kWeightRows = 6;  // x 4 vectors of 16 rows of x: 24 accumulators
 constexpr int kXBlock = 64;
-constexpr int kTaskRows = 8 * kWeightRows;  // 48 floats of a row of y: 3 cache lines
+constexpr int kTaskRows = 16 * kWeightRows;  // 96 floats of a row of y: 6 cache lines
 constexpr int kChunkBlocks = 4;  // blocks of x a task takes: 256 rows
+
+// x packed: a pair of bf16 of 64 rows as 64 words ([block][pair][64]), or, on AVX-512 without BF16,
+// split into f32 ([block][pair][64 even elements, 64 odd ones]), so that pair_tile only loads and FMAs.
+#if defined(VLM_AVX512) && !defined(VLM_AVX512_BF16)
+using PackedX = float;
+constexpr int kPackedPair = 2 * kXBlock;
+inline void pack_pair(float* at, uint32_t pair) {
+  const SplitPair s = split_pair(pair);
+  at[0] = s.even, at[kXBlock] = s.odd;
+}
+#else
+using PackedX = uint32_t;
+constexpr int kPackedPair = kXBlock;
+inline void pack_pair(uint32_t* at, uint32_t pair) { *at = pair; }
+#endif
 
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w, ffi::Buffer<ffi::S32> live,
                   ffi::ResultBuffer<ffi::F32> y) {
@@ -605,50 +640,54 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ff
     for (int64_t r = lo; r < hi; ++r) rows.push_back(g * T + r);
   }
   const int64_t R = rows.size(), blocks = (R + kXBlock - 1) / kXBlock, Rp = blocks * kXBlock;
-  std::vector<uint32_t> xt(Rp * K2);  // [block][pair][64 rows], zero past R
+  std::vector<PackedX> xt(Rp / kXBlock * K2 * kPackedPair);  // x packed, zero past R
   parallel_for(pool, blocks, [&](int64_t b) {
-    uint32_t* out = xt.data() + b * K2 * kXBlock;
-    for (int64_t p0 = 0; p0 < K2; p0 += 16)  // 16 pairs of the block's 64 rows at a time: 4 KB, in L1
+    PackedX* out = xt.data() + b * K2 * kPackedPair;
+    for (int64_t p0 = 0; p0 < K2; p0 += 16)  // 16 pairs of the block's 64 rows at a time: 4-8 KB, in L1
       for (int64_t m = 0; m < kXBlock; ++m) {
         const int64_t row = b * kXBlock + m;
         const uint32_t* in = row < R ? xw + rows[row] * K2 : nullptr;
-        for (int64_t p = p0; p < std::min(K2, p0 + 16); ++p) out[p * kXBlock + m] = in ? in[p] : 0;
+        for (int64_t p = p0; p < std::min(K2, p0 + 16); ++p) pack_pair(out + p * kPackedPair + m, in ? in[p] : 0);
       }
   });
   // A task: kTaskRows rows of w (whole cache lines of y: threads never write the same line) against
   // kChunkBlocks blocks of x (256 rows), K in blocks of kc pairs (256 KB of packed x: it stays in L2).
   const int64_t chunks = (blocks + kChunkBlocks - 1) / kChunkBlocks, col_tasks = (N + kTaskRows - 1) / kTaskRows;
-  const int64_t kc = 256 * 1024 / 4 / (kChunkBlocks * kXBlock);
+  const int64_t kc = 256 * 1024 / sizeof(PackedX) / (kChunkBlocks * kPackedPair);
   parallel_for(pool, col_tasks * chunks, [&](int64_t task) {
     const int64_t col = task % col_tasks;  // chunk by chunk: both threads share a chunk of x in L2
     const int64_t b0 = task / col_tasks * kChunkBlocks, b1 = std::min(blocks, b0 + kChunkBlocks), m0 = b0 * kXBlock;
     const int64_t n1 = std::min(N, (col + 1) * kTaskRows), cols = (b1 - b0) * kXBlock;
-    thread_local std::vector<float> acc;
-    acc.resize(kWeightRows * cols);
-    for (int64_t n0 = col * kTaskRows; n0 < n1; n0 += kWeightRows) {
-      const int64_t rows_w = std::min<int64_t>(kWeightRows, N - n0);
-      for (int64_t k0 = 0; k0 < K2; k0 += kc) {
-        const int64_t T = std::min(kc, K2 - k0);
+    thread_local std::vector<float> acc;  // [kTaskRows][cols]: 48 KB, in L2 with the block of x
+    acc.resize(kTaskRows * cols);
+    for (int64_t k0 = 0; k0 < K2; k0 += kc) {  // each block of x serves all the task's weight rows
+      const int64_t T = std::min(kc, K2 - k0);
+      for (int64_t n0 = col * kTaskRows; n0 < n1; n0 += kWeightRows) {
+        const int64_t rows_w = std::min<int64_t>(kWeightRows, N - n0);
 #if defined(VLM_AVX512) && !defined(VLM_AVX512_BF16)
         // the tile's weight pairs split into f32 once for all its blocks of x, not at every broadcast
         thread_local std::vector<SplitPair> split;
         split.resize(kWeightRows * kc);
         for (int64_t r = 0; r < rows_w; ++r)
           for (int64_t t = 0; t < T; ++t) split[r * kc + t] = split_pair(ww[(n0 + r) * K2 + k0 + t]);
+        if (n0 + 2 * kWeightRows <= N)  // the next tile's weights, on their way from memory meanwhile
+          for (int64_t r = 0; r < kWeightRows; ++r)
+            for (int64_t t = 0; t < T; t += 16) __builtin_prefetch(ww + (n0 + kWeightRows + r) * K2 + k0 + t, 0, 1);
         const SplitPair* a = split.data();
         const int64_t as = kc;
 #else
         const uint32_t* a = ww + n0 * K2 + k0;
         const int64_t as = K2;
 #endif
+        float* o = acc.data() + (n0 - col * kTaskRows) * cols;
         for (int64_t b = b0; b < b1; ++b)  // the last block: only its vectors of 16 rows that hold live rows
           pair_any<kWeightRows, kXBlock / 16>(rows_w, std::min<int64_t>(kXBlock, R - b * kXBlock + 15) / 16, a, as,
-                                             xt.data() + (b * K2 + k0) * kXBlock, kXBlock, 16, T,
-                                             acc.data() + (b - b0) * kXBlock, cols, k0 > 0);
+                                             xt.data() + (b * K2 + k0) * kPackedPair, kPackedPair, 16, T,
+                                             o + (b - b0) * kXBlock, cols, k0 > 0);
       }
-      for (int64_t m = m0; m < std::min(R, m0 + cols); ++m)
-        for (int64_t r = 0; r < rows_w; ++r) yp[rows[m] * N + n0 + r] = acc[r * cols + m - m0];
     }
+    for (int64_t m = m0; m < std::min(R, m0 + cols); ++m)
+      for (int64_t n = col * kTaskRows; n < n1; ++n) yp[rows[m] * N + n] = acc[(n - col * kTaskRows) * cols + m - m0];
   });
   return ffi::Error::Success();
 }
