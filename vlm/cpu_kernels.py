@@ -10,7 +10,7 @@ through jax.ffi, where XLA:CPU's own are slow:
   at every call, ~360 GFLOP/s at 256 rows; the kernel packs the rows instead and reads the weights in
   place, ~390-410 (at 900 rows XLA's is ~5-10 % faster; one kernel for all keeps a row's result
   independent of the batch it is in). On a 2-core Intel Xeon without AVX-512 BF16 (bf16 widened to f32
-  for FMAs): 168-197 GFLOP/s against XLA's 134-164;
+  for FMAs): 214-263 GFLOP/s against XLA's 168-196 (this CPU's FMA peak: ~370);
 - one query token's attention over a bf16 KV cache (XLA's batched bf16 dots read the cache slowly: at
   batch 8 x 384 slots they took a quarter of the step);
 - attention over one range of keys per query, a prefill's: the vision tower's (each patch over its own
