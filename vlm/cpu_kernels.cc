@@ -596,8 +596,8 @@ ffi::Error RangeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::B
 // first repacks the whole weight matrix, which is N/M times larger than x. A task is kTaskRows rows of w
 // against up to 256 rows of x, its accumulators in a per-thread scratch [kTaskRows][256] across K's
 // blocks, written to y at the end; each block of K of x (in L2) serves all of the task's weight rows, in
-// tiles of kWeightRows (with one block per weight tile, x was read from L3 once per tile: 1.3x slower on
-// a 2-core Xeon). Only the rows `live` names are computed (a bucket's
+// tiles of kWeightRows (K's blocks looped inside each tile instead re-read all of x from L3 for every
+// tile: ~1.3x slower on a 2-core Xeon). Only the rows `live` names are computed (a bucket's
 // padding is not): x's M rows are G groups of M/G (a prompt's rows, one image batch), and group g needs
 // rows [live[g][0], live[g][1]); the others are packed out, and their rows of y are zero. The last block of
 // 64 rows runs only its vectors of 16 rows that hold live rows.
@@ -658,21 +658,21 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ff
     const int64_t col = task % col_tasks;  // chunk by chunk: both threads share a chunk of x in L2
     const int64_t b0 = task / col_tasks * kChunkBlocks, b1 = std::min(blocks, b0 + kChunkBlocks), m0 = b0 * kXBlock;
     const int64_t n1 = std::min(N, (col + 1) * kTaskRows), cols = (b1 - b0) * kXBlock;
-    thread_local std::vector<float> acc;  // [kTaskRows][cols]: 48 KB, in L2 with the block of x
+    thread_local std::vector<float> acc;  // [kTaskRows][cols]: 96 KB, in L2 with the block of x
     acc.resize(kTaskRows * cols);
     for (int64_t k0 = 0; k0 < K2; k0 += kc) {  // each block of x serves all the task's weight rows
       const int64_t T = std::min(kc, K2 - k0);
       for (int64_t n0 = col * kTaskRows; n0 < n1; n0 += kWeightRows) {
         const int64_t rows_w = std::min<int64_t>(kWeightRows, N - n0);
+        if (n0 + 2 * kWeightRows <= N)  // the next tile's weights, on their way from memory meanwhile
+          for (int64_t r = 0; r < kWeightRows; ++r)
+            for (int64_t t = 0; t < T; t += 16) __builtin_prefetch(ww + (n0 + kWeightRows + r) * K2 + k0 + t, 0, 1);
 #if defined(VLM_AVX512) && !defined(VLM_AVX512_BF16)
         // the tile's weight pairs split into f32 once for all its blocks of x, not at every broadcast
         thread_local std::vector<SplitPair> split;
         split.resize(kWeightRows * kc);
         for (int64_t r = 0; r < rows_w; ++r)
           for (int64_t t = 0; t < T; ++t) split[r * kc + t] = split_pair(ww[(n0 + r) * K2 + k0 + t]);
-        if (n0 + 2 * kWeightRows <= N)  // the next tile's weights, on their way from memory meanwhile
-          for (int64_t r = 0; r < kWeightRows; ++r)
-            for (int64_t t = 0; t < T; t += 16) __builtin_prefetch(ww + (n0 + kWeightRows + r) * K2 + k0 + t, 0, 1);
         const SplitPair* a = split.data();
         const int64_t as = kc;
 #else
