@@ -38,6 +38,9 @@
 #if defined(__AVX512VNNI__)
 #define VLM_AVX512_VNNI 1
 #endif
+#if !defined(VLM_AVX512_BF16)
+#define VLM_AVX512_SPLIT 1  // bf16 widened to f32 for FMAs: operands split into f32 once, where they can be
+#endif
 #endif
 
 namespace ffi = xla::ffi;
@@ -421,7 +424,7 @@ void pair_tile(const A* a, int64_t as, const B* b, int64_t bt, int64_t bc, int64
   PairDot::Acc acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = accumulate ? PairDot::load_f32(o + r * os + c * 16) : PairDot::zero();
-#if defined(VLM_AVX512) && !defined(VLM_AVX512_BF16)
+#if defined(VLM_AVX512_SPLIT)
   if constexpr (std::is_same_v<B, float>) {
     // the even elements, then the odd ones: C vectors of b and R x C accumulators fit the 32 registers
     // (both halves at once spilled 3 of 24 accumulators on every pair); the same FMAs in the same order
@@ -608,7 +611,7 @@ constexpr int kChunkBlocks = 4;  // blocks of x a task takes: 256 rows
 
 // x packed: a pair of bf16 of 64 rows as 64 words ([block][pair][64]), or, on AVX-512 without BF16,
 // split into f32 ([block][pair][64 even elements, 64 odd ones]), so that pair_tile only loads and FMAs.
-#if defined(VLM_AVX512) && !defined(VLM_AVX512_BF16)
+#if defined(VLM_AVX512_SPLIT)
 using PackedX = float;
 constexpr int kPackedPair = 2 * kXBlock;
 inline void pack_pair(float* at, uint32_t pair) {
@@ -639,8 +642,8 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ff
     std::fill(yp + (g * T + hi) * N, yp + (g + 1) * T * N, 0.f);
     for (int64_t r = lo; r < hi; ++r) rows.push_back(g * T + r);
   }
-  const int64_t R = rows.size(), blocks = (R + kXBlock - 1) / kXBlock, Rp = blocks * kXBlock;
-  std::vector<PackedX> xt(Rp / kXBlock * K2 * kPackedPair);  // x packed, zero past R
+  const int64_t R = rows.size(), blocks = (R + kXBlock - 1) / kXBlock;
+  std::vector<PackedX> xt(blocks * K2 * kPackedPair);  // x packed, zero past R
   parallel_for(pool, blocks, [&](int64_t b) {
     PackedX* out = xt.data() + b * K2 * kPackedPair;
     for (int64_t p0 = 0; p0 < K2; p0 += 16)  // 16 pairs of the block's 64 rows at a time: 4-8 KB, in L1
@@ -657,17 +660,17 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ff
   parallel_for(pool, col_tasks * chunks, [&](int64_t task) {
     const int64_t col = task % col_tasks;  // chunk by chunk: both threads share a chunk of x in L2
     const int64_t b0 = task / col_tasks * kChunkBlocks, b1 = std::min(blocks, b0 + kChunkBlocks), m0 = b0 * kXBlock;
-    const int64_t n1 = std::min(N, (col + 1) * kTaskRows), cols = (b1 - b0) * kXBlock;
+    const int64_t nt = col * kTaskRows, n1 = std::min(N, nt + kTaskRows), cols = (b1 - b0) * kXBlock;
     thread_local std::vector<float> acc;  // [kTaskRows][cols]: 96 KB, in L2 with the block of x
     acc.resize(kTaskRows * cols);
     for (int64_t k0 = 0; k0 < K2; k0 += kc) {  // each block of x serves all the task's weight rows
       const int64_t T = std::min(kc, K2 - k0);
-      for (int64_t n0 = col * kTaskRows; n0 < n1; n0 += kWeightRows) {
+      for (int64_t n0 = nt; n0 < n1; n0 += kWeightRows) {
         const int64_t rows_w = std::min<int64_t>(kWeightRows, N - n0);
         if (n0 + 2 * kWeightRows <= N)  // the next tile's weights, on their way from memory meanwhile
           for (int64_t r = 0; r < kWeightRows; ++r)
             for (int64_t t = 0; t < T; t += 16) __builtin_prefetch(ww + (n0 + kWeightRows + r) * K2 + k0 + t, 0, 1);
-#if defined(VLM_AVX512) && !defined(VLM_AVX512_BF16)
+#if defined(VLM_AVX512_SPLIT)
         // the tile's weight pairs split into f32 once for all its blocks of x, not at every broadcast
         thread_local std::vector<SplitPair> split;
         split.resize(kWeightRows * kc);
@@ -679,7 +682,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ff
         const uint32_t* a = ww + n0 * K2 + k0;
         const int64_t as = K2;
 #endif
-        float* o = acc.data() + (n0 - col * kTaskRows) * cols;
+        float* o = acc.data() + (n0 - nt) * cols;
         for (int64_t b = b0; b < b1; ++b)  // the last block: only its vectors of 16 rows that hold live rows
           pair_any<kWeightRows, kXBlock / 16>(rows_w, std::min<int64_t>(kXBlock, R - b * kXBlock + 15) / 16, a, as,
                                              xt.data() + (b * K2 + k0) * kPackedPair, kPackedPair, 16, T,
@@ -687,7 +690,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ff
       }
     }
     for (int64_t m = m0; m < std::min(R, m0 + cols); ++m)
-      for (int64_t n = col * kTaskRows; n < n1; ++n) yp[rows[m] * N + n] = acc[(n - col * kTaskRows) * cols + m - m0];
+      for (int64_t n = nt; n < n1; ++n) yp[rows[m] * N + n] = acc[(n - nt) * cols + m - m0];
   });
   return ffi::Error::Success();
 }
