@@ -307,15 +307,22 @@ def test_top_k_fast_path_keeps_what_the_full_sort_keeps(top_k, top_p):
     assert np.array_equal(~np.isinf(got), ref)
 
 
-def test_draws_follow_the_kept_distribution():
-    """choose() draws among the kept tokens only (through top_k when they are few) with their softmax odds."""
+@pytest.mark.parametrize("top_k,top_p,only_three", [
+    (3, 1.0, True),  # top-k's fast path: drawn among its own candidates
+    (0, 0.99, True),  # top-k off, top-p keeps three: drawn among a second top-k's
+    (100, 0.99, True),  # top-k above the fast path's 64, the same
+    (0, 1.0, False),  # every token kept: drawn over the whole vocabulary
+])
+def test_draws_follow_the_kept_distribution(top_k, top_p, only_three):
+    """choose() draws among the kept tokens only with their softmax odds, on each of its three paths."""
     from vlm.sampling import choose
 
     logits = np.full((1, 5000), -5.0, np.float32)
-    logits[0, [7, 1234, 4999]] = np.log([0.5, 0.3, 0.2]) + 10
-    draw = jax.jit(jax.vmap(lambda k: choose(jax.numpy.asarray(logits), k, np.float32(1.0), np.int32(3),
-                                             np.float32(1.0))[0][0]))
+    logits[0, [7, 1234, 4999]] = np.log([0.5, 0.3, 0.2]) + 10  # the other 4997 tokens: 0.15 % of the odds
+    draw = jax.jit(jax.vmap(lambda k: choose(jax.numpy.asarray(logits), k, np.float32(1.0), np.int32(top_k),
+                                             np.float32(top_p))[0][0]))
     tokens = np.asarray(draw(jax.random.split(jax.random.key(0), 4000)))
-    assert set(tokens.tolist()) == {7, 1234, 4999}
+    others = set(tokens.tolist()) - {7, 1234, 4999}
+    assert not others if only_three else others  # ~6 of 4000 draws expected outside the three
     freq = [np.mean(tokens == t) for t in (7, 1234, 4999)]
     assert np.allclose(freq, [0.5, 0.3, 0.2], atol=0.03), freq
