@@ -226,9 +226,9 @@ void columns(const typename XOf<Op>::In* x, const typename Op::In* w, typename O
       any_tile<Op, 1, 2 * kColTile>(1, std::min<int64_t>(2 * kColTile, n1 - n), x, w + n * K, y + n, K, N);
     return;
   }
+  const int64_t passes = (R + kRowTile - 1) / kRowTile;
   for (int64_t n = n0; n < n1; n += kColTile) {
     const int64_t nb = std::min<int64_t>(kColTile, n1 - n);
-    const int64_t passes = (R + kRowTile - 1) / kRowTile;
     for (int64_t r = 0, pass = 0; r < R; r += kRowTile, ++pass) {
       const int64_t rb = std::min<int64_t>(kRowTile, R - r);
       any_tile<Op, kRowTile, kColTile>(rb, nb, x + r * K, w + n * K, y + r * N + n, K, N,
