@@ -276,6 +276,9 @@ def test_soak_50_requests_memory_flat_no_recompiles_no_leftover_uploads(server, 
         compiled.append("compiled: yes" in stats)
         rss[i + 1] = proc.memory_info().rss
     assert not any(compiled[5:]), [i + 1 for i, c in enumerate(compiled) if c]
-    growth = rss[50] / rss[5] - 1
+    # from the second round of each kind: malloc keeps a request's large blocks for the next one (up to
+    # 64 MiB free per heap, vlm/memory.py), so the first warm requests fill the heaps once; after that,
+    # flat (no per-request growth)
+    growth = rss[50] / rss[10] - 1
     assert abs(growth) < 0.10, {k: v // 2**20 for k, v in rss.items()}  # MiB after each request
     assert not [p for p in server.upload_dir.rglob("soak-*")]
