@@ -26,7 +26,7 @@ def tune_malloc(arenas: int | None = None) -> None:
     a request's large blocks (XLA's scratch for a program, 5-40 MB for the 2B model; the prefill kernels'
     packed rows) then reuse the last request's pages. With their own mmap each (glibc's default from 128
     KiB, or the 4 MiB this set before), every request page-faulted them in anew: ~150k faults per 2B image
-    request on a 2-core Xeon VM, where the vision tower and the prompt's prefill each took 15-35 % longer
+    request on a 2-core Xeon VM, where the vision tower and the prompt's prefill each took 20-50 % longer
     (interleaved in one process: 4.1-5.4 s against 3.4-3.6 s for the tower). glibc's defaults also raise
     both thresholds as large blocks are freed (to 32 and 64 MiB), so fixed values behave the same in every
     run; what compiles free goes back to the OS through `release_free_memory`.
