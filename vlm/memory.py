@@ -2,7 +2,7 @@
 fresh memory each time, and what compiles free goes back to the OS.
 
 The demo, both CLIs and the benchmark call `tune_malloc()` at start; a Python API user may call it too.
-`release_free_memory()` runs after each compile (`Qwen3VL.jit`).
+`release_free_memory()` runs after each compile (`Qwen3VL.jit`) and after loading (`load_model`).
 """
 
 from __future__ import annotations
