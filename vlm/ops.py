@@ -89,8 +89,12 @@ def layer_norm(x: jax.Array, p: Params, eps: float = 1e-6) -> jax.Array:
 
 
 def rotate_half(x: jax.Array) -> jax.Array:
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([-x2, x1], axis=-1)
+    """[x1, x2] -> [-x2, x1] over the last axis, written as a reverse of its two halves and a sign so
+    that XLA fuses it into its consumer: as a concatenate, XLA:CPU compiled one unfused kernel per use
+    (56 of a 2B decode step's 162 kernels)."""
+    halves = x.reshape(*x.shape[:-1], 2, x.shape[-1] // 2)
+    sign = jnp.array([[-1], [1]], x.dtype)
+    return (jnp.flip(halves, axis=-2) * sign).reshape(x.shape)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
