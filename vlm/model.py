@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import ModelConfig, TextConfig
 from .memory import release_free_memory
-from .ops import Params, activation, apply_rope, attention, linear, matmul_t, rms_norm
+from .ops import Params, activation, apply_rope, attention, linear, matmul_t, rms_norm, rotate_half_fused
 
 Cache = dict[str, list[jax.Array]]  # {"k", "v"}: one [B, kv_heads, S, head_dim] array per layer
 
@@ -116,7 +116,7 @@ def _self_attn(x, p: Params, cos, sin, ranges, layer_cache: tuple[jax.Array, jax
     q = rms_norm(linear(x, p["q_proj"], live).reshape(b, t, kv * group, hd), p["q_norm"]["weight"], cfg.rms_norm_eps)
     k = rms_norm(linear(x, p["k_proj"], live).reshape(b, t, kv, hd), p["k_norm"]["weight"], cfg.rms_norm_eps)
     v = linear(x, p["v_proj"], live).reshape(b, t, kv, hd)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = (apply_rope(a, cos, sin, rotate_half_fused) for a in (q, k))
     keys, values = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, kv_heads, T, D], the cache's layout
     if layer_cache is not None:
         layer_cache = tuple(_write_slots(c, new, write_index) for c, new in zip(layer_cache, (keys, values)))

@@ -97,8 +97,7 @@ def _block(x: jax.Array, p: Params, cos, sin, segment, live, cfg: VisionConfig) 
     h = layer_norm(x, p["norm1"])
     qkv = linear(h, p["attn"]["qkv"], live).reshape(n, 3, cfg.num_heads, cfg.head_dim)  # [N, 3, H, D]
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-    q = apply_rope(q.astype(jnp.float32), cos, sin).astype(x.dtype)
-    k = apply_rope(k.astype(jnp.float32), cos, sin).astype(x.dtype)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     attn = segment_attention(q, k, v, segment).reshape(n, -1)  # within each image; [N, H*D]
     x = x + linear(attn, p["attn"]["proj"], live)
     h = activation(_gelu_tanh, linear(layer_norm(x, p["norm2"]), p["mlp"]["linear_fc1"], live))
