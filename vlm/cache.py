@@ -29,7 +29,7 @@ def cpu_flags() -> str:
 def use_compilation_cache() -> Path | None:
     """Keep the compiled programs (vision tower, prefill, decode step, scans) on disk, so that the next run of
     the demo or a CLI loads them instead of compiling again: a 2B bf16 first request on 2 CPU cores takes
-    ~2 s instead of ~7.6 s of compiling. The demo and both CLIs call it; VLM_XLA_CACHE=0 turns it off, and
+    ~3 s instead of ~7.8 s of compiling. The demo and both CLIs call it; VLM_XLA_CACHE=0 turns it off, and
     a cache directory jax already has (JAX_COMPILATION_CACHE_DIR) is kept. One folder per jax version and
     CPU (its feature flags), so that a cache shared between machines never loads code built for another
     CPU. Returns the folder, or None when off."""
