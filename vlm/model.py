@@ -68,7 +68,7 @@ class Qwen3VL:
         """Forget every compiled program, jax's caches included, and hand their memory back: ~50 MB a
         program for the 2B model on a CPU (mostly XLA's description of the 28 unrolled layers, not code;
         measured: 4.51 -> 4.31 GiB for the 4 programs of one image request in both samplers).
-        Later calls compile again: ~0.5 s a program with the compilation cache on (vlm/cache.py). Not while
+        Later calls compile again: ~0.5-1 s a program with the compilation cache on (vlm/cache.py). Not while
         another thread runs this model (the demo calls it between generations)."""
         self._jitted.clear()
         jax.clear_caches()
