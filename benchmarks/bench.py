@@ -379,9 +379,17 @@ def worker_jax(args) -> dict:
                                  between=lambda: streaming.append(stream("image")["decode_tok_s"]))
     res["decode_stream_b1"] = max(streaming)
     log(f"[jax] streaming {res['decode_stream_b1']:.2f} tok/s, scan {res['decode_scan_b1']:.2f} tok/s")
+    # batch 1 again on a text prompt, streaming beside it: the scan's rate is a difference of two runs that
+    # each include a prefill, and an image prompt's (~2-7 s, +-5-20 % on a busy VM) can move it by 15 %;
+    # a text prompt's (~0.1-0.5 s) cannot, so streaming / scan is compared here
+    streaming_text = []
     for b in args.batch:
-        res[f"scan_text_b{b}"] = scan(prepare_inputs(model, params, tok, *reqs[f"text_b{b}"]))
+        between = (lambda: streaming_text.append(stream("text_b1")["decode_tok_s"])) if b == 1 else (lambda: None)
+        res[f"scan_text_b{b}"] = scan(prepare_inputs(model, params, tok, *reqs[f"text_b{b}"]), between)
         log(f"[jax] scan, batch {b} text prompts: {res[f'scan_text_b{b}']:.2f} tok/s")
+    if streaming_text:
+        res["decode_stream_text_b1"] = max(streaming_text)
+        log(f"[jax] streaming, text prompt: {res['decode_stream_text_b1']:.2f} tok/s")
     res["peak_rss"] = peak_rss()
     res["peak_device"] = peak_device_jax()
     return res
@@ -459,6 +467,7 @@ ROWS = [  # key, label, unit, higher_is_better, transformers key, tokens per ste
     ("ttft_warm_second_s", "TTFT, warm 2nd request (416×480, other prompt)", "s", False, "ttft_warm_second_s", None),
     ("decode_stream_b1", "decode, streaming sampler, batch 1", "tok/s", True, "decode_b1", 1),
     ("decode_scan_b1", "decode, scan sampler, batch 1", "tok/s", True, "decode_b1", 1),
+    ("decode_stream_text_b1", "decode, streaming sampler, batch 1 (text prompt)", "tok/s", True, "scan_text_b1", 1),
     ("scan_text_b{b}", "decode, scan, batch {b} (text prompts)", "tok/s", True, "scan_text_b{b}", "b"),
     ("compile_s", "first-request compile (first − warm request)", "s", False, None, None),
     ("compiles_warm_second", "compiles during the warm 2nd request", "", False, None, None),
@@ -531,8 +540,12 @@ def targets(result: dict) -> list[dict]:
                                                                                ("scan", "decode_scan_b1"))]
     out.append(t("prefill ≤ 1.0× transformers' best", ratio("prefill_s", "ours_over_hf_best"),
                  (ratio("prefill_s", "ours_over_hf_best") or 9) <= 1.0))
-    stream_over_scan = ours["decode_stream_b1"] / ours["decode_scan_b1"]
-    out.append(t("streaming ≥ 95% of scan, b1", stream_over_scan, stream_over_scan >= 0.95))
+    if ours.get("decode_stream_text_b1"):  # both without an image prefill's noise (worker_jax)
+        stream_over_scan = ours["decode_stream_text_b1"] / ours["scan_text_b1"]
+        out.append(t("streaming ≥ 95% of scan, b1 (text prompt)", stream_over_scan, stream_over_scan >= 0.95))
+    else:
+        stream_over_scan = ours["decode_stream_b1"] / ours["decode_scan_b1"]
+        out.append(t("streaming ≥ 95% of scan, b1", stream_over_scan, stream_over_scan >= 0.95))
     if 1 in b and max(b) >= 8:
         x = ours["scan_text_b8"] / ours["scan_text_b1"]
         out.append(t("scan b8 ≥ 5× scan b1", x, x >= 5))
