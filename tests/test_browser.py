@@ -50,11 +50,20 @@ def answer(pg) -> str:
 def wait_until(cond, timeout=60.0, what="condition"):
     deadline = time.monotonic() + timeout
     while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}; the server's log:\n{shared_app_server().log()}"
         time.sleep(0.1)
 
 
+def set_max_new_tokens(pg, n: int) -> None:
+    box = pg.locator("#max-new-tokens input[type=number]")
+    if not box.is_visible():
+        pg.get_by_text("Sampling", exact=True).click()
+    box.fill(str(n))
+    box.press("Enter")
+
+
 def test_upload_type_generate_streams_growing_text_then_stop(page):
+    set_max_new_tokens(page, 2048)  # the tiny model makes ~350 tokens/s: 256 could all be out before Stop
     page.locator("#image input[type=file]").set_input_files(PANDA)
     page.locator("#image img").first.wait_for()
     page.locator("#prompt textarea").fill("Describe this image")
@@ -73,6 +82,7 @@ def test_upload_type_generate_streams_growing_text_then_stop(page):
     time.sleep(1.5)
     assert answer(page) == stopped, "the answer kept growing after Stop"
     assert "tokens" in page.locator("#stats").inner_text()
+    set_max_new_tokens(page, 256)
 
 
 def test_toggle_to_batch_gives_the_whole_answer_at_once(page):
@@ -107,9 +117,7 @@ def test_example_click_fills_image_and_prompt_and_answers(page, tmp_path):
 
 def test_image_notes_errors_and_limits_reach_the_page(page, test_images):
     page.locator("#clear").click()
-    page.get_by_text("Sampling", exact=True).click()  # short answers: this test is about what surrounds them
-    page.locator("#max-new-tokens input[type=number]").fill("8")
-    page.locator("#max-new-tokens input[type=number]").press("Enter")
+    set_max_new_tokens(page, 8)  # short answers: this test is about what surrounds them
     page.locator("#image input[type=file]").set_input_files(str(test_images["rgba.png"]))
     page.locator("#image img").first.wait_for()
     assert page.locator("#prompt textarea").get_attribute("maxlength") == "4000"  # server.max_prompt_chars
