@@ -72,16 +72,18 @@ def test_int8_kernel_is_xlas_int32_product_exactly(rows, k, n):
     assert np.array_equal(np.asarray(got), np.asarray(x, np.int64) @ np.asarray(w, np.int64).T)
 
 
-@pytest.mark.parametrize("build", ["portable", "avx512"])
+@pytest.mark.parametrize("build", ["portable", "avx2", "avx512"])
 def test_the_other_builds_agree_with_the_native_one(build):
-    """The code other CPUs get, built here: plain vector code (no AVX-512), and AVX-512 without BF16 and
-    VNNI (bf16 widened to f32 for FMAs, int8 by vpmaddwd), as on Intel servers whose VM hides BF16."""
+    """The code other CPUs get, built here: plain vector code (no AVX2), AVX2 with FMA (8-lane decode
+    kernels, as on AMD Zen 2/3), and AVX-512 without BF16 and VNNI (bf16 widened to f32 for FMAs, int8 by
+    vpmaddwd), as on Intel servers whose VM hides BF16."""
     march = {("portable", "x86_64"): "x86-64-v2", ("portable", "aarch64"): "armv8-a",
-             ("avx512", "x86_64"): "skylake-avx512"}.get((build, platform.machine()))
+             ("avx2", "x86_64"): "haswell", ("avx512", "x86_64"): "skylake-avx512"}.get((build, platform.machine()))
     if march is None:
         pytest.skip(f"no -march known for a {build} build on {platform.machine()}")
-    if build == "avx512" and not {"avx512f", "avx512bw"} <= set(cpu_flags().split()):
-        pytest.skip("this CPU cannot run AVX-512 code")
+    needs = {"avx2": {"avx2", "fma"}, "avx512": {"avx512f", "avx512bw"}}.get(build, set())
+    if not needs <= set(cpu_flags().split()):
+        pytest.skip(f"this CPU cannot run {build} code")
     lib = ctypes.cdll.LoadLibrary(str(cpu_kernels._build(march)))
     assert lib.VlmCpuKernelsNative() == (build == "avx512")  # without AVX-512 prefill keeps XLA's products
     cpu_kernels.register(lib, prefix=f"{build}_")

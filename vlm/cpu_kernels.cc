@@ -26,9 +26,10 @@
 
 #include "xla/ffi/api/ffi.h"
 
-// Three builds, by what -march=native finds: AVX-512 with BF16 (vdpbf16ps) and VNNI (vpdpwssd), as on
+// Four builds, by what -march=native finds: AVX-512 with BF16 (vdpbf16ps) and VNNI (vpdpwssd), as on
 // AMD Zen 4; AVX-512 without them (bf16 widened to f32 by a shift or a mask, then FMAs), as on Intel
-// servers whose VM hides BF16; portable vector code elsewhere.
+// servers whose VM hides BF16; AVX2 with FMA (the same widening, 8 lanes), as on AMD Zen 2/3; portable
+// vector code elsewhere.
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define VLM_AVX512 1
@@ -41,6 +42,9 @@
 #if !defined(VLM_AVX512_BF16)
 #define VLM_AVX512_SPLIT 1  // bf16 widened to f32 for FMAs: operands split into f32 once, where they can be
 #endif
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define VLM_AVX2 1  // AVX2 and FMA (AMD Zen 2/3, Intel client cores): the decode kernels in 8-lane vectors
 #endif
 
 namespace ffi = xla::ffi;
@@ -55,7 +59,11 @@ inline float bf16_to_f32(uint16_t h) {
 }
 
 constexpr int kRowTile = 4;  // rows of x sharing each weight load
+#if defined(VLM_AVX2)  // 16 vector registers: 4 x 2 accumulators and the loads beside them (2 x 4 and 3 x 4
+constexpr int kColTile = 2;  // were 15-25 % slower at 8 rows on a Zen 3; one row: 1 x 4 tiles)
+#else
 constexpr int kColTile = 4;  // rows of w sharing each x load
+#endif
 
 constexpr int64_t kAlign = 32;  // K must be a multiple (Qwen3-VL's are; vlm/cpu_kernels.py checks)
 
@@ -124,6 +132,60 @@ struct Int8 {  // 32 int8 widened to int16, pairs into 16 int32 lanes (vpdpwssd,
   static Acc madd(Acc acc, Vec w, Vec x) { return _mm512_add_epi32(acc, _mm512_madd_epi16(w, x)); }
 #endif
   static Out total(Acc acc) { return _mm512_reduce_add_epi32(acc); }
+};
+
+#elif defined(VLM_AVX2)
+
+// 16 bf16 as two vectors of 8 f32: the even elements (shifted up 16 bits) and the odd ones (masked).
+struct Bf16Pairs {
+  __m256 even, odd;
+};
+inline Bf16Pairs split_bf16_pairs(__m256i v) {
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
+          _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xFFFF0000u))))};
+}
+
+struct Bf16 {  // 16 bf16 pairs into 8 f32 lanes: two FMAs (exact products)
+  using In = uint16_t;
+  using Out = float;
+  using Acc = __m256;
+  using Vec = Bf16Pairs;
+  static constexpr int kStep = 16;
+  static Acc zero() { return _mm256_setzero_ps(); }
+  static Vec load(const In* p) { return split_bf16_pairs(_mm256_loadu_si256((const __m256i*)p)); }
+  static Acc madd(Acc acc, Vec w, Vec x) { return _mm256_fmadd_ps(w.odd, x.odd, _mm256_fmadd_ps(w.even, x.even, acc)); }
+  // x split into f32 pairs once per call, as in the AVX-512 build without BF16 (8 even, then 8 odd)
+  using XIn = float;
+  static Vec load_x(const XIn* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+  static const XIn* prepare_x(const In* x, int64_t n, std::vector<XIn>& scratch) {
+    scratch.resize(n);
+    for (int64_t i = 0; i < n; i += kStep) {
+      const Vec v = load(x + i);
+      _mm256_storeu_ps(scratch.data() + i, v.even), _mm256_storeu_ps(scratch.data() + i + 8, v.odd);
+    }
+    return scratch.data();
+  }
+  static Out total(Acc acc) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+};
+
+struct Int8 {  // 16 int8 widened to int16, pairs into 8 int32 lanes (vpmaddwd + add): exact
+  using In = int8_t;
+  using Out = int32_t;
+  using Acc = __m256i;
+  using Vec = __m256i;
+  static constexpr int kStep = 16;
+  static Acc zero() { return _mm256_setzero_si256(); }
+  static Vec load(const In* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p)); }
+  static Acc madd(Acc acc, Vec w, Vec x) { return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x)); }
+  static Out total(Acc acc) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+  }
 };
 
 #else  // Any other CPU: portable vector code (GCC/Clang vector extensions)
@@ -213,7 +275,7 @@ void any_tile(int64_t rb, int64_t nb, const typename XOf<Op>::In* x, const typen
   tile<Op, RB, NB>(x, w, y, K, N, pf_lo, pf_hi);
 }
 
-// y[:, n0:n1] for all R rows, in kRowTile x kColTile tiles (smaller at the edges); one row in 1 x 8 tiles
+// y[:, n0:n1] for all R rows, in kRowTile x kColTile tiles (smaller at the edges); one row in 1 x 2kColTile tiles
 // (more weight rows in flight: ~10 % faster on one core). More than kRowTile rows pass over each tile of
 // weights several times, each pass prefetching its share of the next tile's rows, so that the reads from
 // memory go on through every pass, not only the first (8 rows, 2B weights on a 2-core Xeon: 16.5 -> 18.6
