@@ -104,14 +104,7 @@ struct Bf16 {  // 32 bf16 pairs into 16 f32 lanes: one vdpbf16ps, or two FMAs (e
   // each 32 elements as their 16 even ones then their 16 odd ones, so x[r * K + k] stays the address.
   using XIn = float;
   static Vec load_x(const XIn* p) { return {_mm512_loadu_ps(p), _mm512_loadu_ps(p + 16)}; }
-  static const XIn* prepare_x(const In* x, int64_t n, std::vector<XIn>& scratch) {
-    scratch.resize(n);
-    for (int64_t i = 0; i < n; i += kStep) {
-      const Vec v = load(x + i);
-      _mm512_storeu_ps(scratch.data() + i, v.even), _mm512_storeu_ps(scratch.data() + i + 16, v.odd);
-    }
-    return scratch.data();
-  }
+  static void store_x(XIn* p, Vec v) { _mm512_storeu_ps(p, v.even), _mm512_storeu_ps(p + 16, v.odd); }
 #endif
   static constexpr int kStep = 32;
   static Acc zero() { return _mm512_setzero_ps(); }
@@ -157,14 +150,7 @@ struct Bf16 {  // 16 bf16 pairs into 8 f32 lanes: two FMAs (exact products)
   // x split into f32 pairs once per call, as in the AVX-512 build without BF16 (8 even, then 8 odd)
   using XIn = float;
   static Vec load_x(const XIn* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
-  static const XIn* prepare_x(const In* x, int64_t n, std::vector<XIn>& scratch) {
-    scratch.resize(n);
-    for (int64_t i = 0; i < n; i += kStep) {
-      const Vec v = load(x + i);
-      _mm256_storeu_ps(scratch.data() + i, v.even), _mm256_storeu_ps(scratch.data() + i + 8, v.odd);
-    }
-    return scratch.data();
-  }
+  static void store_x(XIn* p, Vec v) { _mm256_storeu_ps(p, v.even), _mm256_storeu_ps(p + 8, v.odd); }
   static Out total(Acc acc) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -226,7 +212,7 @@ using Int8 = Portable<int8_t, int32_t, i32x16>;
 
 #endif
 
-// x as the Op reads it: as given, or, where the Op has an XIn, converted once per call by Op::prepare_x.
+// x as the Op reads it: as given, or, where the Op has an XIn, converted once per call (Op::store_x).
 template <typename Op, typename = void>
 struct XOf {
   using In = typename Op::In;
@@ -237,7 +223,11 @@ template <typename Op>
 struct XOf<Op, std::void_t<typename Op::XIn>> {
   using In = typename Op::XIn;
   static typename Op::Vec load(const In* p) { return Op::load_x(p); }
-  static const In* prepare(const typename Op::In* x, int64_t n, std::vector<In>& s) { return Op::prepare_x(x, n, s); }
+  static const In* prepare(const typename Op::In* x, int64_t n, std::vector<In>& scratch) {
+    scratch.resize(n);
+    for (int64_t i = 0; i < n; i += Op::kStep) Op::store_x(scratch.data() + i, Op::load(x + i));
+    return scratch.data();
+  }
 };
 
 // y[r, i] for RB rows of x and NB rows of w: each weight vector is loaded once for RB rows and each x
