@@ -215,13 +215,25 @@ def machine() -> dict:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
     devices = jax.devices()
     return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem / 2**30, 1), "backend": jax.default_backend(),
-            "devices": [d.device_kind for d in devices], "jax": jax.__version__, "python": platform.python_version(),
+            "isa": vector_isa(), "devices": [d.device_kind for d in devices], "jax": jax.__version__, "python": platform.python_version(),
             "load_avg_start": os.getloadavg()}
+
+
+def vector_isa() -> str:
+    """The widest vector instructions the CPU kernels build for here (vlm/cpu_kernels.cc): one CPU name (an
+    "AMD EPYC" VM) covers Zen 3 with AVX2 only and Zen 4 with AVX-512 BF16, which run at very different speeds."""
+    from vlm.cache import cpu_flags
+
+    flags = set(cpu_flags().split())
+    for isa, needs in (("avx512bf16", {"avx512f", "avx512_bf16"}), ("avx512", {"avx512f"}), ("avx2", {"avx2", "fma"})):
+        if needs <= flags:
+            return isa
+    return platform.machine()
 
 
 def machine_slug(m: dict) -> str:
     if m["backend"] == "cpu":
-        name = f"cpu-{m['cpu']}-{m['cores']}c"
+        name = f"cpu-{m['cpu']}-{m.get('isa', '')}-{m['cores']}c"
     else:
         name = f"{m['backend']}-{m['devices'][0]}"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
@@ -563,7 +575,7 @@ def markdown(result: dict) -> str:
     m, cfg, ours, hf, ratios = result["machine"], result["config"], result["jax"], result.get("transformers", {}), result["ratios"]
     bw = result["bandwidth"]
     lines = [
-        f"**Machine:** {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; JAX {m['jax']} backend "
+        f"**Machine:** {m['cpu']}{' (' + m['isa'] + ')' if m.get('isa') and m['backend'] == 'cpu' else ''}, {m['cores']} cores, {m['ram_gib']} GiB RAM; JAX {m['jax']} backend "
         f"`{m['backend']}` ({', '.join(sorted(set(m['devices'])))}); load average {m['load_avg_start'][0]:.1f} at start, "
         f"{result['load_avg_end'][0]:.1f} at end.  ",
         f"**Model:** {cfg['model']}{' with int8 text weights' if cfg.get('quantize') == 'int8' else ''} "
@@ -577,8 +589,8 @@ def markdown(result: dict) -> str:
         + ", ".join(f"{v:.2f} tok/s in {d} ({result['decode_bytes_per_token'][d] / 1e9:.2f} GB/token)"
                     for d, v in result["bandwidth_limit_tok_s"].items()) + ".",
         "",
-        f"| measure | ours ({ours['dtype']}) | " + " | ".join(f"transformers {d}" for d in hf)
-        + " | ours / transformers' best | ours / bandwidth limit |",
+        "| " + " | ".join(["measure", f"ours ({ours['dtype']})", *(f"transformers {d}" for d in hf),
+                           "ours / transformers' best", "ours / bandwidth limit"]) + " |",
         "|---|---:|" + "---:|" * len(hf) + "---:|---:|",
     ]
     for key, label, unit, higher, hf_key, per_step in _rows(cfg["batch"]):
@@ -599,9 +611,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {label} ({unit}{arrow}) | " + " | ".join(cells) + f" | {vs} | {lim} |")
     lines += ["", "| target | measured | met |", "|---|---:|:---:|"]
     for t in result["targets"]:
-        v = t["value"]
-        lines.append(f"| {t['target']} | {v:.2f} | {'yes' if t['met'] else 'no'} |" if isinstance(v, float)
-                     else f"| {t['target']} | {v} | {'yes' if t['met'] else 'no'} |")
+        v, met = t["value"], {True: "yes", False: "no", None: "— (no transformers figure)"}[t["met"]]
+        lines.append(f"| {t['target']} | {'—' if v is None else f'{v:.2f}' if isinstance(v, float) else v} | {met} |")
     return "\n".join(lines) + "\n"
 
 
