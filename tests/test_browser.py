@@ -56,10 +56,19 @@ def wait_until(cond, timeout=60.0, what="condition"):
 
 def set_max_new_tokens(pg, n: int) -> None:
     box = pg.locator("#max-new-tokens input[type=number]")
+    slider = pg.locator("#max-new-tokens input[type=range]")
     if not box.is_visible():
         pg.get_by_text("Sampling", exact=True).click()
-    box.fill(str(n))
-    box.press("Enter")
+
+    def typed() -> bool:
+        box.fill(str(n))
+        box.press("Enter")
+        time.sleep(0.2)
+        return slider.input_value() == str(n)
+
+    # Typing straight after the accordion opens can be lost while gradio mounts its contents (CI once sent the
+    # old 256 and the Stop test's answer was done before Stop): type until the slider itself shows the value.
+    wait_until(typed, timeout=30, what=f"Max new tokens to read {n}")
 
 
 def test_upload_type_generate_streams_growing_text_then_stop(page):
