@@ -221,11 +221,13 @@ def machine() -> dict:
 
 def vector_isa() -> str:
     """The widest vector instructions the CPU kernels build for here (vlm/cpu_kernels.cc): one CPU name (an
-    "AMD EPYC" VM) covers Zen 3 with AVX2 only and Zen 4 with AVX-512 BF16, which run at very different speeds."""
+    "AMD EPYC" VM) covers Zen 3 with AVX2 only and Zen 4 with AVX-512 BF16, which run at very different speeds,
+    and one "Intel Xeon" covers Xeons with and without AMX."""
     from vlm.cache import cpu_flags
 
     flags = set(cpu_flags().split())
-    for isa, needs in (("avx512bf16", {"avx512f", "avx512_bf16"}), ("avx512", {"avx512f"}), ("avx2", {"avx2", "fma"})):
+    for isa, needs in (("amx", {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}), ("avx512bf16", {"avx512f", "avx512_bf16"}),
+                       ("avx512", {"avx512f"}), ("avx2", {"avx2", "fma"})):
         if needs <= flags:
             return isa
     return platform.machine()

@@ -72,20 +72,26 @@ def test_int8_kernel_is_xlas_int32_product_exactly(rows, k, n):
     assert np.array_equal(np.asarray(got), np.asarray(x, np.int64) @ np.asarray(w, np.int64).T)
 
 
-@pytest.mark.parametrize("build", ["portable", "avx2", "avx512"])
+@pytest.mark.parametrize("build", ["portable", "avx2", "avx512", "avx512bf16", "amx"])
 def test_the_other_builds_agree_with_the_native_one(build):
-    """The code other CPUs get, built here: plain vector code (no AVX2), AVX2 with FMA (8-lane decode
-    kernels, as on AMD Zen 2/3), and AVX-512 without BF16 and VNNI (bf16 widened to f32 for FMAs, int8 by
-    vpmaddwd), as on Intel servers whose VM hides BF16."""
-    march = {("portable", "x86_64"): "x86-64-v2", ("portable", "aarch64"): "armv8-a",
-             ("avx2", "x86_64"): "haswell", ("avx512", "x86_64"): "skylake-avx512"}.get((build, platform.machine()))
+    """The code other CPUs get, built here where this CPU can run it: plain vector code (no AVX2), AVX2 with
+    FMA (8-lane decode kernels, as on AMD Zen 2/3), AVX-512 without BF16 and VNNI (bf16 widened to f32 for
+    FMAs, int8 by vpmaddwd), as on Intel servers whose VM hides BF16, AVX-512 with them (vdpbf16ps, as on
+    AMD Zen 4), and with AMX tiles for the prefill product (Intel Sapphire Rapids and later)."""
+    march = {("portable", "x86_64"): "x86-64-v2", ("portable", "aarch64"): "armv8-a", ("avx2", "x86_64"): "haswell",
+             ("avx512", "x86_64"): "skylake-avx512", ("avx512bf16", "x86_64"): "cooperlake",
+             ("amx", "x86_64"): "sapphirerapids"}.get((build, platform.machine()))
     if march is None:
         pytest.skip(f"no -march known for a {build} build on {platform.machine()}")
-    needs = {"avx2": {"avx2", "fma"}, "avx512": {"avx512f", "avx512bw"}}.get(build, set())
-    if not needs <= set(cpu_flags().split()):
+    needs = {"avx2": {"avx2", "fma"}, "avx512": {"avx512f", "avx512bw"},
+             "avx512bf16": {"avx512f", "avx512bw", "avx512_bf16", "avx512_vnni"},
+             "amx": {"avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "avx512_fp16"}}
+    if not needs.get(build, set()) <= set(cpu_flags().split()):
         pytest.skip(f"this CPU cannot run {build} code")
     lib = ctypes.cdll.LoadLibrary(str(cpu_kernels._build(march)))
-    assert lib.VlmCpuKernelsNative() == (build == "avx512")  # without AVX-512 prefill keeps XLA's products
+    # without AVX-512 prefill keeps XLA's products; the AMX build runs them in tiles where Linux allows
+    assert lib.VlmCpuKernelsNative() == build.startswith(("avx512", "amx"))
+    assert lib.VlmCpuKernelsAmx() == (build == "amx")
     cpu_kernels.register(lib, prefix=f"{build}_")
     rng = np.random.default_rng(2)
     for dtype, target in [(jnp.bfloat16, "vlm_cpu_matvec_bf16"), (jnp.int8, "vlm_cpu_matvec_int8")]:
@@ -95,7 +101,8 @@ def test_the_other_builds_agree_with_the_native_one(build):
         out = jax.ShapeDtypeStruct(native.shape, native.dtype)
         other = np.asarray(jax.jit(jax.ffi.ffi_call(f"{build}_{target}", out))(x, w))
         assert np.array_equal(other, native), dtype  # small integers: every partial sum is exact
-    x, w = (jnp.asarray(rng.integers(-100, 100, shape), jnp.bfloat16) for shape in [(70, 96), (13, 96)])
+    # 45 weight rows: the AMX build's tiles take 32 of them, its vector code the other 13
+    x, w = (jnp.asarray(rng.integers(-100, 100, shape), jnp.bfloat16) for shape in [(70, 96), (45, 96)])
     live = jnp.asarray([[3, 30], [0, 35]], jnp.int32)  # two groups of 35 rows
     native = np.asarray(jax.jit(cpu_kernels.matmul_t)(x, w, live))
     call = jax.ffi.ffi_call(f"{build}_vlm_cpu_matmul_bf16", jax.ShapeDtypeStruct(native.shape, native.dtype))
@@ -117,7 +124,7 @@ def test_a_rows_result_does_not_depend_on_the_batch():
         assert np.array_equal(np.asarray(_product(x[r : r + 1], w))[0], batch[r]), f"row {r}"
     assert np.array_equal(np.asarray(_product(x[3:10], w)), batch[3:10])
     x = _bf16(rng, 700, 4096)  # the matrix-matrix kernel: rows in chunks of 256, K in blocks
-    batch = np.asarray(_product(x, w := _bf16(rng, 13, 4096)))
+    batch = np.asarray(_product(x, w := _bf16(rng, 45, 4096)))  # AMX: 32 weight rows in tiles, 13 not
     for rows in (slice(0, 17), slice(100, 300), slice(7, 500), slice(300, 700)):
         assert np.array_equal(np.asarray(_product(x[rows], w)), batch[rows]), rows
 

@@ -27,7 +27,7 @@
 #include "xla/ffi/api/ffi.h"
 
 // Four builds, by what -march=native finds: AVX-512 with BF16 (vdpbf16ps) and VNNI (vpdpwssd), as on
-// AMD Zen 4; AVX-512 without them (bf16 widened to f32 by a shift or a mask, then FMAs), as on Intel
+// AMD Zen 4 (and Intel Sapphire Rapids and later, whose AMX tiles also run the prefill product); AVX-512 without them (bf16 widened to f32 by a shift or a mask, then FMAs), as on Intel
 // servers whose VM hides BF16; AVX2 with FMA (the same widening, 8 lanes), as on AMD Zen 2/3; portable
 // vector code elsewhere.
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -38,6 +38,11 @@
 #endif
 #if defined(__AVX512VNNI__)
 #define VLM_AVX512_VNNI 1
+#endif
+#if defined(VLM_AVX512_BF16) && defined(__AMX_BF16__) && defined(__AMX_TILE__)
+#define VLM_AMX 1  // Intel Sapphire Rapids and later: the prefill product in AMX tiles (16 x 16 f32 a tile)
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 #if !defined(VLM_AVX512_BF16)
 #define VLM_AVX512_SPLIT 1  // bf16 widened to f32 for FMAs: operands split into f32 once, where they can be
@@ -682,6 +687,125 @@ using PackedX = uint32_t;
 constexpr int kPackedPair = kXBlock;
 inline void pack_pair(uint32_t* at, uint32_t pair) { *at = pair; }
 #endif
+// Rows of x side by side for each pair: all 64 of a block, or, in the AMX build, runs of 16
+// ([block][4 runs][K/2][16 rows]), so that one AMX tile of x (16 pairs of 16 rows) is 1 KB in one piece
+// (from [block][K/2][64], a tile took 16 rows 256 bytes apart).
+#if defined(VLM_AMX)
+constexpr int kXRun = 16;
+#else
+constexpr int kXRun = kXBlock;
+#endif
+constexpr int kPairStride = kPackedPair / (kXBlock / kXRun);  // from a pair of a run of rows to the next pair
+// where row m of a block (0 <= m < 64), pair p, lies from the block's start
+inline int64_t packed_at(int64_t m, int64_t p, int64_t K2) {
+  return m / kXRun * K2 * kPairStride + p * kPairStride + m % kXRun;
+}
+
+#if defined(VLM_AVX512)
+// v[i][j] -> v[j][i] for 16 vectors of 16 floats: pairs of rows interleaved, then groups of four, then the
+// 4 x 4 blocks of 128-bit lanes.
+inline void transpose16(__m512 v[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]), t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
+  for (int i = 0; i < 16; i += 4) {  // u[4g + c], lane l: rows 4g..4g+3 of column 4l + c
+    v[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44), v[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    v[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44), v[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 ab_lo = _mm512_shuffle_f32x4(v[c], v[4 + c], 0x44), ab_hi = _mm512_shuffle_f32x4(v[c], v[4 + c], 0xEE);
+    const __m512 cd_lo = _mm512_shuffle_f32x4(v[8 + c], v[12 + c], 0x44), cd_hi = _mm512_shuffle_f32x4(v[8 + c], v[12 + c], 0xEE);
+    t[c] = _mm512_shuffle_f32x4(ab_lo, cd_lo, 0x88), t[4 + c] = _mm512_shuffle_f32x4(ab_lo, cd_lo, 0xDD);
+    t[8 + c] = _mm512_shuffle_f32x4(ab_hi, cd_hi, 0x88), t[12 + c] = _mm512_shuffle_f32x4(ab_hi, cd_hi, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) v[i] = t[i];
+}
+#endif
+
+// y[rows[m], n] = acc[n - n0][m - m0] for m in [m0, m1), n in [n0, n1): a task's accumulators (weight rows
+// by rows of x) into y's rows; in 16 x 16 blocks transposed in registers where it can (a scalar loop took
+// ~15 % of an AMX product).
+void write_rows(const float* acc, int64_t cols, int64_t m0, int64_t m1, int64_t n0, int64_t n1, const int64_t* rows,
+                float* y, int64_t N) {
+  int64_t n = n0;
+#if defined(VLM_AVX512)
+  for (; n + 16 <= n1; n += 16)
+    for (int64_t m = m0; m < m1; m += 16) {  // acc has whole blocks of 64 columns: reading past m1 is safe
+      __m512 v[16];
+      for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_ps(acc + (n - n0 + i) * cols + m - m0);
+      transpose16(v);
+      for (int64_t j = 0; j < std::min<int64_t>(16, m1 - m); ++j) _mm512_storeu_ps(y + rows[m + j] * N + n, v[j]);
+    }
+#endif
+  for (int64_t m = m0; m < m1; ++m)
+    for (int64_t i = n; i < n1; ++i) y[rows[m] * N + i] = acc[(i - n0) * cols + m - m0];
+}
+
+#if defined(VLM_AMX)
+// The AMX path of a task: y's tile [16 weight rows][16 rows of x] in f32 is one tile register, and one
+// tdpbf16ps adds a tile of 16 weight rows x 16 pairs of k (read in place: rows of w, K2 words apart) times
+// 16 pairs of 16 rows of x (the packed x's layout, [pair][64 rows], is AMX's pair-interleaved B already).
+// Tiles 0-3 hold a 32 x 32 block of y, 4-5 two tiles of weights, 6-7 two of x: each tile load serves two
+// products. Linux hands out AMX's 8 KB of state only on request, once per process (arch_prctl).
+bool amx_ready() {
+  static const bool ready = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ready;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+  TileConfig() {
+    for (int t = 0; t < 8; ++t) bytes_per_row[t] = 64, rows[t] = 16;
+  }
+};
+
+constexpr int64_t kAmxPairs = 256;  // at most this many pairs of k a block (Matmul's kc)
+
+// acc[(n - n0) * cols + m] (+)= w[n] . x[m] over pairs [k0, k0 + T) for n in [n0, n0 + rows_w), rows_w a
+// multiple of 32, and m in [0, cols), a multiple of 64; x packed from block b0 ([block][pair][64 rows]).
+void amx_block(const uint32_t* w, int64_t K2, const uint32_t* xt, int64_t b0, int64_t k0, int64_t T, int64_t rows_w,
+               float* acc, int64_t cols, bool accumulate) {
+  const int64_t ys = cols * sizeof(float);
+  alignas(64) thread_local uint32_t wbuf[32 * kAmxPairs];
+  for (int64_t n = 0; n < rows_w; n += 32) {
+    // the 32 weight rows' block of k, copied into whole tiles ([T/16][32 rows][16 pairs]): in place, rows
+    // K2 words apart fell into the same few L1 sets and came from L2 at every tile load
+    for (int64_t r = 0; r < 32; ++r)
+      for (int64_t t = 0; t < T; t += 16)
+        _mm512_store_si512(wbuf + t * 32 + r * 16, _mm512_loadu_si512(w + (n + r) * K2 + k0 + t));
+    for (int64_t m = 0; m < cols; m += 32) {
+      float* y = acc + n * cols + m;
+      if (accumulate) {
+        _tile_loadd(0, y, ys);
+        _tile_loadd(1, y + 16, ys);
+        _tile_loadd(2, y + 16 * cols, ys);
+        _tile_loadd(3, y + 16 * cols + 16, ys);
+      } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      }
+      const uint32_t* b = xt + ((b0 * kXBlock + m) / kXRun * K2 + k0) * kXRun;  // runs of 16 rows (kXRun)
+      for (int64_t t = 0; t < T; t += 16) {
+        _tile_loadd(4, wbuf + t * 32, 64);
+        _tile_loadd(5, wbuf + t * 32 + 256, 64);
+        _tile_loadd(6, b + t * kXRun, 64);
+        _tile_loadd(7, b + (K2 + t) * kXRun, 64);
+        _tile_dpbf16ps(0, 4, 6);  // (intrinsics that are macros: one statement each)
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, y, ys);
+      _tile_stored(1, y + 16, ys);
+      _tile_stored(2, y + 16 * cols, ys);
+      _tile_stored(3, y + 16 * cols + 16, ys);
+    }
+  }
+}
+#endif
 
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w, ffi::Buffer<ffi::S32> live,
                   ffi::ResultBuffer<ffi::F32> y) {
@@ -705,26 +829,53 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ff
   std::vector<PackedX> xt(blocks * K2 * kPackedPair);  // x packed, zero past R
   parallel_for(pool, blocks, [&](int64_t b) {
     PackedX* out = xt.data() + b * K2 * kPackedPair;
-    for (int64_t p0 = 0; p0 < K2; p0 += 16)  // 16 pairs of the block's 64 rows at a time: 4-8 KB, in L1
+    int64_t p0 = 0;
+#if defined(VLM_AMX)
+    for (; p0 + 16 <= K2; p0 += 16)  // 16 rows x 16 pairs transposed in registers into a run's 16 x 16
+      for (int64_t m = 0; m < kXBlock; m += 16) {
+        __m512 v[16];
+        for (int i = 0; i < 16; ++i) {
+          const int64_t row = b * kXBlock + m + i;
+          v[i] = row < R ? _mm512_loadu_ps(xw + rows[row] * K2 + p0) : _mm512_setzero_ps();
+        }
+        transpose16(v);
+        for (int j = 0; j < 16; ++j) _mm512_storeu_ps(out + packed_at(m, p0 + j, K2), v[j]);
+      }
+#endif
+    for (; p0 < K2; p0 += 16)  // 16 pairs of the block's 64 rows at a time: 4-8 KB, in L1
       for (int64_t m = 0; m < kXBlock; ++m) {
         const int64_t row = b * kXBlock + m;
         const uint32_t* in = row < R ? xw + rows[row] * K2 : nullptr;
-        for (int64_t p = p0; p < std::min(K2, p0 + 16); ++p) pack_pair(out + p * kPackedPair + m, in ? in[p] : 0);
+        for (int64_t p = p0; p < std::min(K2, p0 + 16); ++p) pack_pair(out + packed_at(m, p, K2), in ? in[p] : 0);
       }
   });
   // A task: kTaskRows rows of w (whole cache lines of y: threads never write the same line) against
   // kChunkBlocks blocks of x (256 rows), K in blocks of kc pairs (256 KB of packed x: it stays in L2).
   const int64_t chunks = (blocks + kChunkBlocks - 1) / kChunkBlocks, col_tasks = (N + kTaskRows - 1) / kTaskRows;
   const int64_t kc = 256 * 1024 / sizeof(PackedX) / (kChunkBlocks * kPackedPair);
+#if defined(VLM_AMX)
+  const bool amx = K2 % 16 == 0 && kc <= kAmxPairs && amx_ready();  // tiles take 16 pairs of k; weight rows in 32s, the rest below
+#endif
   parallel_for(pool, col_tasks * chunks, [&](int64_t task) {
     const int64_t col = task % col_tasks;  // chunk by chunk: both threads share a chunk of x in L2
     const int64_t b0 = task / col_tasks * kChunkBlocks, b1 = std::min(blocks, b0 + kChunkBlocks), m0 = b0 * kXBlock;
     const int64_t nt = col * kTaskRows, n1 = std::min(N, nt + kTaskRows), cols = (b1 - b0) * kXBlock;
     thread_local std::vector<float> acc;  // [kTaskRows][cols]: 96 KB, in L2 with the block of x
     acc.resize(kTaskRows * cols);
+    int64_t n_rest = nt;  // the weight rows pair_tile runs
+#if defined(VLM_AMX)
+    if (amx) {
+      static const TileConfig config;
+      _tile_loadconfig(&config);
+      n_rest = nt + (n1 - nt) / 32 * 32;
+      for (int64_t k0 = 0; k0 < K2; k0 += kc)
+        amx_block(ww + nt * K2, K2, xt.data(), b0, k0, std::min(kc, K2 - k0), n_rest - nt, acc.data(), cols, k0 > 0);
+      _tile_release();
+    }
+#endif
     for (int64_t k0 = 0; k0 < K2; k0 += kc) {  // each block of x serves all the task's weight rows
       const int64_t T = std::min(kc, K2 - k0);
-      for (int64_t n0 = nt; n0 < n1; n0 += kWeightRows) {
+      for (int64_t n0 = n_rest; n0 < n1; n0 += kWeightRows) {
         const int64_t rows_w = std::min<int64_t>(kWeightRows, N - n0);
         if (n0 + 2 * kWeightRows <= N)  // the next tile's weights, on their way from memory meanwhile
           for (int64_t r = 0; r < kWeightRows; ++r)
@@ -744,12 +895,12 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ff
         float* o = acc.data() + (n0 - nt) * cols;
         for (int64_t b = b0; b < b1; ++b)  // the last block: only its vectors of 16 rows that hold live rows
           pair_any<kWeightRows, kXBlock / 16>(rows_w, std::min<int64_t>(kXBlock, R - b * kXBlock + 15) / 16, a, as,
-                                             xt.data() + (b * K2 + k0) * kPackedPair, kPackedPair, 16, T,
+                                             xt.data() + b * K2 * kPackedPair + k0 * kPairStride, kPairStride,
+                                             packed_at(16, 0, K2), T,
                                              o + (b - b0) * kXBlock, cols, k0 > 0);
       }
     }
-    for (int64_t m = m0; m < std::min(R, m0 + cols); ++m)
-      for (int64_t n = nt; n < n1; ++n) yp[rows[m] * N + n] = acc[(n - nt) * cols + m - m0];
+    write_rows(acc.data(), cols, m0, std::min(R, m0 + cols), nt, n1, rows.data(), yp, N);
   });
   return ffi::Error::Success();
 }
@@ -782,6 +933,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmCpuMatmulBf16, Matmul,
 extern "C" int VlmCpuKernelsNative() {
 #if defined(VLM_AVX512)
   return 1;
+#else
+  return 0;
+#endif
+}
+
+// 1 where the prefill product runs in AMX tiles (built for them, and Linux grants their state).
+extern "C" int VlmCpuKernelsAmx() {
+#if defined(VLM_AMX)
+  return amx_ready();
 #else
   return 0;
 #endif

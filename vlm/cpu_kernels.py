@@ -10,7 +10,9 @@ through jax.ffi, where XLA:CPU's own are slow:
   at every call, ~360 GFLOP/s at 256 rows; the kernel packs the rows instead and reads the weights in
   place, ~390-410 (at 900 rows XLA's is ~5-10 % faster; one kernel for all keeps a row's result
   independent of the batch it is in). On a 2-core Intel Xeon without AVX-512 BF16 (bf16 widened to f32
-  for FMAs): 214-263 GFLOP/s against XLA's 168-196 (this CPU's FMA peak: ~370);
+  for FMAs): 214-263 GFLOP/s against XLA's 168-196 (this CPU's FMA peak: ~370). Where the CPU has AMX
+  (Intel Sapphire Rapids and later) the product runs in AMX tiles: on a 2-core VM 1.0-1.7 TFLOP/s (its
+  vdpbf16ps path: ~200; XLA's, which uses AMX there too: 1.2-1.9);
 - one query token's attention over a bf16 KV cache (XLA's batched bf16 dots read the cache slowly: at
   batch 8 x 384 slots they took a quarter of the step);
 - attention over one range of keys per query, a prefill's: the vision tower's (each patch over its own
@@ -21,8 +23,8 @@ products (at memory speed there), and so do prefills on CPUs without AVX-512 (th
 the prefill kernels is ~9x slower than XLA's GEMM; the decode ones are memory-bound either way).
 
 They are compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`; ~8 s, once) against
-the XLA FFI headers that ship with jaxlib, for this CPU (-march=native: vdpbf16ps / vpdpwssd with
-AVX-512 BF16 and VNNI, AVX-512 FMAs without them, AVX2 FMAs on CPUs without AVX-512 (the decode kernels
+the XLA FFI headers that ship with jaxlib, for this CPU (-march=native: AMX tiles for the prefill
+product where there are, vdpbf16ps / vpdpwssd with AVX-512 BF16 and VNNI, AVX-512 FMAs without them, AVX2 FMAs on CPUs without AVX-512 (the decode kernels
 only), portable vector code elsewhere), and cached under
 $VLM_CACHE/kernels. Without a compiler, or with VLM_CPU_KERNELS=0, everything runs on XLA (a one-line
 warning says why).
