@@ -107,7 +107,7 @@ def test_the_other_builds_agree_with_the_native_one(build):
     native = np.asarray(jax.jit(cpu_kernels.matmul_t)(x, w, live))
     call = jax.ffi.ffi_call(f"{build}_vlm_cpu_matmul_bf16", jax.ShapeDtypeStruct(native.shape, native.dtype))
     assert np.array_equal(np.asarray(jax.jit(call)(x, w, live)), native)
-    q, k, v = _bf16(rng, 2, 40, 4, 24), _bf16(rng, 2, 2, 40, 24), _bf16(rng, 2, 2, 40, 24)
+    q, k, v = _bf16(rng, 2, 40, 4, 32), _bf16(rng, 2, 2, 40, 32), _bf16(rng, 2, 2, 40, 32)  # D = 32: AMX takes it
     runs = np.repeat([[0, 17, 36], [17, 36, 40]], [17, 19, 4], axis=1)  # three images' [lo, hi), 2 rows
     lo, hi = (jnp.asarray(np.tile(r, (2, 1)), jnp.int32) for r in runs)
     native = np.asarray(jax.jit(cpu_kernels.range_attention, static_argnums=5)(q, k, v, lo, hi, 0.2), np.float32)

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -528,6 +529,74 @@ void pair_any(int64_t r, int64_t c, const A* a, int64_t as, const B* b, int64_t 
   pair_tile<R, C>(a, as, b, bt, bc, T, o, os, accumulate);
 }
 
+#if defined(VLM_AMX)
+// AMX (Intel Sapphire Rapids and later): 8 tile registers of 16 rows x 64 bytes; one tdpbf16ps adds
+// a [16 x 16 pairs] bf16 tile times a [16 pairs x 16] one (pairs interleaved: the packed layouts above)
+// into a 16 x 16 f32 tile. Linux hands out AMX's 8 KB of state only on request, once per process
+// (arch_prctl); each thread loads the tile configuration while it uses them.
+bool amx_ready() {
+  static const bool ready = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ready;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+  TileConfig() {
+    for (int t = 0; t < 8; ++t) bytes_per_row[t] = 64, rows[t] = 16;
+  }
+};
+
+struct Tiles {  // every tile 16 x 64 bytes while in scope
+  Tiles() {
+    static const TileConfig config;
+    _tile_loadconfig(&config);
+  }
+  ~Tiles() { _tile_release(); }
+};
+
+// pair_tile's o = a . b in AMX tiles, for 16 * row_tiles rows of a (each read and written whole: a's and
+// o's buffers must hold them) and C vectors of b; T a multiple of 16. In 2 x 2 blocks of o's tiles (0-3),
+// two tiles of a (4-5) and two of b (6-7) a step: each load serves two products.
+void amx_pairs(int64_t row_tiles, int64_t C, const uint32_t* a, int64_t as, const uint32_t* b, int64_t bt, int64_t bc,
+               int64_t T, float* o, int64_t os) {
+  for (int64_t r = 0; r < row_tiles; r += 2)
+    for (int64_t c = 0; c < C; c += 2) {
+      const bool r2 = r + 1 < row_tiles, c2 = c + 1 < C;
+      const uint32_t *a0 = a + r * 16 * as, *b0 = b + c * bc;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t t = 0; t < T; t += 16) {  // (the tile intrinsics are macros: one statement each)
+        _tile_loadd(4, a0 + t, as * 4);
+        _tile_loadd(6, b0 + t * bt, bt * 4);
+        _tile_dpbf16ps(0, 4, 6);
+        if (c2) {
+          _tile_loadd(7, b0 + bc + t * bt, bt * 4);
+          _tile_dpbf16ps(1, 4, 7);
+        }
+        if (r2) {
+          _tile_loadd(5, a0 + 16 * as + t, as * 4);
+          _tile_dpbf16ps(2, 5, 6);
+          if (c2) _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      float* o0 = o + r * 16 * os + c * 16;
+      _tile_stored(0, o0, os * 4);
+      if (c2) _tile_stored(1, o0 + 16, os * 4);
+      if (r2) _tile_stored(2, o0 + 16 * os, os * 4);
+      if (r2 && c2) _tile_stored(3, o0 + 16 * os + 16, os * 4);
+    }
+}
+#else  // no AMX: never called
+inline bool amx_ready() { return false; }
+struct Tiles {};
+inline void amx_pairs(int64_t, int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t, int64_t, int64_t, float*,
+                      int64_t) {}
+#endif
+
 // ---------------------------------------------------------------- attention over key ranges (prefill)
 // softmax(q k^T * scale) v where each query attends to one contiguous range of key slots [lo, hi): the
 // vision tower's attention (each patch over its own image's patches) and a prompt's (causal, from the
@@ -607,7 +676,10 @@ ffi::Error RangeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::B
   // K per (row, kv head): [block][pair p][16 keys], zero past S. V: [key pair][Dp dims] (a pair of keys
   // interleaved in each 32-bit word), zero past S and D, twice: pairs (2t, 2t + 1) and (2t - 1, 2t), so
   // that every range's sums of V take its keys in pairs from its own first key.
-  const int64_t vpairs = pairs + 1;
+  // AMX tiles take 16 pairs of q . k (D a multiple of 32: Qwen3-VL's 64 and 128) and sum V 16 key pairs at
+  // a time: probabilities padded with zeros to whole tiles, and V's pairs readable (zero) that far
+  const bool amx = P % 16 == 0 && amx_ready();
+  const int64_t vpairs = pairs + (amx ? 16 : 1);
   std::vector<uint32_t> kp(B * Hk * blocks * P * kKeys), vp(2 * B * Hk * vpairs * Dp);
   parallel_for(pool, B * Hk, [&](int64_t bk) {
     uint32_t* kb = kp.data() + bk * blocks * P * kKeys;
@@ -631,23 +703,38 @@ ffi::Error RangeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::B
     const int32_t *rlo = lp + b * T + i0, *rhi = hp + b * T + i0;
     const int64_t first = *std::min_element(rlo, rlo + rows) / kKeys;
     const int64_t last = (*std::max_element(rhi, rhi + rows) + kKeys - 1) / kKeys;
-    const int64_t W = (last - first) * kKeys, Wp = W + 2;  // keys scored from key first * kKeys; + a shift
+    const int64_t W = (last - first) * kKeys;  // keys scored from key first * kKeys
+    const int64_t Tv = amx ? (W / 2 + 1 + 15) / 16 * 16 : W / 2 + 1, ps = 2 * Tv;  // key pairs (+ a shift) a row
     thread_local std::vector<float> scores, o;
     thread_local std::vector<uint16_t> probs;
-    scores.resize(kQueryRows * W + 16), probs.resize(kQueryRows * Wp), o.resize(kQueryRows * Dp);
+    thread_local std::vector<uint32_t> qs;
+    // AMX reads and writes whole tiles of 16 rows: room for the rows past the task's
+    scores.resize(kQueryRows * W + 16), probs.resize((kQueryRows + 16) * ps), o.resize((kQueryRows + 16) * Dp);
     const uint32_t* kb = kp.data() + (bk * blocks + first) * P * kKeys;
-    for (int64_t r = 0; r < rows; r += 8)
-      for (int64_t j = 0; j < last - first; j += 3)
-        pair_any<8, 3>(std::min<int64_t>(8, rows - r), std::min<int64_t>(3, last - first - j),
-                       qw + ((b * T + i0 + r) * H + h) * P, H * P, kb + j * P * kKeys, kKeys, P * kKeys, P,
-                       scores.data() + r * W + j * kKeys, W, false);
+    const uint32_t* q = qw + ((b * T + i0) * H + h) * P;  // the task's rows, H * P words apart
+    std::optional<Tiles> tiles;
+    if (amx) {  // q's rows copied into whole tiles (zero past the last)
+      tiles.emplace();
+      qs.assign(kQueryRows * P, 0);
+      for (int64_t r = 0; r < rows; ++r) std::copy(q + r * H * P, q + r * H * P + P, qs.data() + r * P);
+      amx_pairs((rows + 15) / 16, last - first, qs.data(), P, kb, kKeys, P * kKeys, P, scores.data(), W);
+    } else {
+      for (int64_t r = 0; r < rows; r += 8)
+        for (int64_t j = 0; j < last - first; j += 3)
+          pair_any<8, 3>(std::min<int64_t>(8, rows - r), std::min<int64_t>(3, last - first - j), q + r * H * P, H * P,
+                         kb + j * P * kKeys, kKeys, P * kKeys, P, scores.data() + r * W + j * kKeys, W, false);
+    }
     for (int64_t r = 0; r < rows; ++r)  // a range from an odd key: its probabilities one later, odd pairs of V
-      softmax_row(scores.data() + r * W, probs.data() + r * Wp, rlo[r] - first * kKeys, rhi[r] - first * kKeys,
-                  rlo[r] & 1, Wp, scale);
+      softmax_row(scores.data() + r * W, probs.data() + r * ps, rlo[r] - first * kKeys, rhi[r] - first * kKeys,
+                  rlo[r] & 1, ps, scale);
     for (int64_t r0 = 0, r1; r0 < rows; r0 = r1) {  // runs of rows whose ranges start on the same parity
       for (r1 = r0 + 1; r1 < rows && (rlo[r1] & 1) == (rlo[r0] & 1);) ++r1;
       const uint32_t* v = vp.data() + (((rlo[r0] & 1) * B * Hk + bk) * vpairs + first * kKeys / 2) * Dp;
-      kValues[C - 1](r1 - r0, reinterpret_cast<const uint32_t*>(probs.data() + r0 * Wp), Wp / 2, v, Wp / 2, o.data() + r0 * Dp);
+      const auto* p = reinterpret_cast<const uint32_t*>(probs.data() + r0 * ps);
+      if (amx)
+        amx_pairs((r1 - r0 + 15) / 16, C, p, Tv, v, Dp, 16, Tv, o.data() + r0 * Dp, Dp);
+      else
+        kValues[C - 1](r1 - r0, p, Tv, v, Tv, o.data() + r0 * Dp);
     }
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t d = 0; d < D; ++d) op[((b * T + i0 + r) * H + h) * D + d] = f32_to_bf16(o[r * Dp + d]);
@@ -741,25 +828,10 @@ void write_rows(const float* acc, int64_t cols, int64_t m0, int64_t m1, int64_t 
 }
 
 #if defined(VLM_AMX)
-// The AMX path of a task: y's tile [16 weight rows][16 rows of x] in f32 is one tile register, and one
-// tdpbf16ps adds a tile of 16 weight rows x 16 pairs of k (read in place: rows of w, K2 words apart) times
-// 16 pairs of 16 rows of x (the packed x's layout, [pair][64 rows], is AMX's pair-interleaved B already).
-// Tiles 0-3 hold a 32 x 32 block of y, 4-5 two tiles of weights, 6-7 two of x: each tile load serves two
-// products. Linux hands out AMX's 8 KB of state only on request, once per process (arch_prctl).
-bool amx_ready() {
-  static const bool ready = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-  return ready;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t bytes_per_row[16] = {};
-  uint8_t rows[16] = {};
-  TileConfig() {
-    for (int t = 0; t < 8; ++t) bytes_per_row[t] = 64, rows[t] = 16;
-  }
-};
-
+// The AMX path of a Matmul task: y's tile [16 weight rows][16 rows of x] in f32 is one tile register, and
+// one tdpbf16ps adds a tile of 16 weight rows x 16 pairs of k (copied into whole tiles first) times 16
+// pairs of 16 rows of x (packed in runs of 16 rows: AMX's pair-interleaved layout already). Tiles 0-3 hold
+// a 32 x 32 block of y, 4-5 two tiles of weights, 6-7 two of x: each tile load serves two products.
 constexpr int64_t kAmxPairs = 256;  // at most this many pairs of k a block (Matmul's kc)
 
 // acc[(n - n0) * cols + m] (+)= w[n] . x[m] over pairs [k0, k0 + T) for n in [n0, n0 + rows_w), rows_w a
@@ -865,12 +937,10 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ff
     int64_t n_rest = nt;  // the weight rows pair_tile runs
 #if defined(VLM_AMX)
     if (amx) {
-      static const TileConfig config;
-      _tile_loadconfig(&config);
+      const Tiles tiles;
       n_rest = nt + (n1 - nt) / 32 * 32;
       for (int64_t k0 = 0; k0 < K2; k0 += kc)
         amx_block(ww + nt * K2, K2, xt.data(), b0, k0, std::min(kc, K2 - k0), n_rest - nt, acc.data(), cols, k0 > 0);
-      _tile_release();
     }
 #endif
     for (int64_t k0 = 0; k0 < K2; k0 += kc) {  // each block of x serves all the task's weight rows
