@@ -834,10 +834,10 @@ void write_rows(const float* acc, int64_t cols, int64_t m0, int64_t m1, int64_t 
 // a 32 x 32 block of y, 4-5 two tiles of weights, 6-7 two of x: each tile load serves two products.
 constexpr int64_t kAmxPairs = 256;  // at most this many pairs of k a block (Matmul's kc)
 
-// acc[(n - n0) * cols + m] (+)= w[n] . x[m] over pairs [k0, k0 + T) for n in [n0, n0 + rows_w), rows_w a
-// multiple of 32, and m in [0, cols), a multiple of 64; x packed from block b0 ([block][pair][64 rows]).
+// acc[n * cols + m] (+)= w[n] . x[m] over pairs [k0, k0 + T) for n in [0, rows_w), a multiple of 32, and
+// m in [0, live), a multiple of 32 (at most cols, acc's row length); x packed, from block b0 on.
 void amx_block(const uint32_t* w, int64_t K2, const uint32_t* xt, int64_t b0, int64_t k0, int64_t T, int64_t rows_w,
-               float* acc, int64_t cols, bool accumulate) {
+               float* acc, int64_t cols, int64_t live, bool accumulate) {
   const int64_t ys = cols * sizeof(float);
   alignas(64) thread_local uint32_t wbuf[32 * kAmxPairs];
   for (int64_t n = 0; n < rows_w; n += 32) {
@@ -846,7 +846,7 @@ void amx_block(const uint32_t* w, int64_t K2, const uint32_t* xt, int64_t b0, in
     for (int64_t r = 0; r < 32; ++r)
       for (int64_t t = 0; t < T; t += 16)
         _mm512_store_si512(wbuf + t * 32 + r * 16, _mm512_loadu_si512(w + (n + r) * K2 + k0 + t));
-    for (int64_t m = 0; m < cols; m += 32) {
+    for (int64_t m = 0; m < live; m += 32) {
       float* y = acc + n * cols + m;
       if (accumulate) {
         _tile_loadd(0, y, ys);
@@ -940,7 +940,8 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ff
       const Tiles tiles;
       n_rest = nt + (n1 - nt) / 32 * 32;
       for (int64_t k0 = 0; k0 < K2; k0 += kc)
-        amx_block(ww + nt * K2, K2, xt.data(), b0, k0, std::min(kc, K2 - k0), n_rest - nt, acc.data(), cols, k0 > 0);
+        amx_block(ww + nt * K2, K2, xt.data(), b0, k0, std::min(kc, K2 - k0), n_rest - nt, acc.data(), cols,
+                  std::min(cols, (R - m0 + 31) / 32 * 32), k0 > 0);  // the last block: its runs of live rows
     }
 #endif
     for (int64_t k0 = 0; k0 < K2; k0 += kc) {  // each block of x serves all the task's weight rows
