@@ -226,8 +226,9 @@ def vector_isa() -> str:
     from vlm.cache import cpu_flags
 
     flags = set(cpu_flags().split())
-    for isa, needs in (("amx", {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}), ("avx512bf16", {"avx512f", "avx512_bf16"}),
-                       ("avx512", {"avx512f"}), ("avx2", {"avx2", "fma"})):
+    widest_first = (("amx", {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
+                    ("avx512bf16", {"avx512f", "avx512_bf16"}), ("avx512", {"avx512f"}), ("avx2", {"avx2", "fma"}))
+    for isa, needs in widest_first:
         if needs <= flags:
             return isa
     return platform.machine()

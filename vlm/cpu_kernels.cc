@@ -28,9 +28,9 @@
 #include "xla/ffi/api/ffi.h"
 
 // Four builds, by what -march=native finds: AVX-512 with BF16 (vdpbf16ps) and VNNI (vpdpwssd), as on
-// AMD Zen 4 (and Intel Sapphire Rapids and later, whose AMX tiles also run the prefill product); AVX-512 without them (bf16 widened to f32 by a shift or a mask, then FMAs), as on Intel
-// servers whose VM hides BF16; AVX2 with FMA (the same widening, 8 lanes), as on AMD Zen 2/3; portable
-// vector code elsewhere.
+// AMD Zen 4 and on Intel Sapphire Rapids and later (whose AMX tiles also run the prefill kernels); AVX-512
+// without them (bf16 widened to f32 by a shift or a mask, then FMAs), as on Intel servers whose VM hides
+// BF16; AVX2 with FMA (the same widening, 8 lanes), as on AMD Zen 2/3; portable vector code elsewhere.
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define VLM_AVX512 1
@@ -939,11 +939,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ff
   // A task: kTaskRows rows of w (whole cache lines of y: threads never write the same line) against
   // kChunkBlocks blocks of x (256 rows), K in blocks of kc pairs (256 KB of packed x: it stays in L2).
   const int64_t chunks = (blocks + kChunkBlocks - 1) / kChunkBlocks, col_tasks = (N + kTaskRows - 1) / kTaskRows;
-#if defined(VLM_AMX)
   const bool amx = K2 % 16 == 0 && amx_ready();  // tiles take 16 pairs of k; weight rows in 32s, the rest below
-#else
-  const bool amx = false;
-#endif
   const int64_t kc = amx ? kAmxPairs : 256 * 1024 / sizeof(PackedX) / (kChunkBlocks * kPackedPair);
   parallel_for(pool, col_tasks * chunks, [&](int64_t task) {
     const int64_t col = task % col_tasks;  // chunk by chunk: both threads share a chunk of x in L2
@@ -1027,10 +1023,4 @@ extern "C" int VlmCpuKernelsNative() {
 }
 
 // 1 where the prefill product runs in AMX tiles (built for them, and Linux grants their state).
-extern "C" int VlmCpuKernelsAmx() {
-#if defined(VLM_AMX)
-  return amx_ready();
-#else
-  return 0;
-#endif
-}
+extern "C" int VlmCpuKernelsAmx() { return amx_ready(); }
