@@ -25,14 +25,14 @@ from vlm.ops import attention, matmul_t, segment_attention, segment_ranges
 @pytest.fixture(autouse=True, scope="module")
 def prefill_kernels_everywhere():
     """The prefill kernels (products of many rows, attention over key ranges) run where the build has
-    AVX-512; elsewhere XLA's products are faster, but the kernels are tested all the same: this module
-    turns them on there (test_which_products_use_which_kernel checks the choice itself)."""
+    AVX-512 (the product: or AVX2); elsewhere XLA's are faster, but the kernels are tested all the same:
+    this module turns them on there (test_which_products_use_which_kernel checks the choice itself)."""
     assert cpu_kernels._load(), "the kernels should build here"
-    native = cpu_kernels._native
-    cpu_kernels._native = True
+    before = cpu_kernels._matmul, cpu_kernels._native
+    cpu_kernels._matmul = cpu_kernels._native = True
     jax.clear_caches()  # the choice is made while tracing
     yield
-    cpu_kernels._native = native
+    cpu_kernels._matmul, cpu_kernels._native = before
     jax.clear_caches()
 
 
@@ -75,7 +75,7 @@ def test_int8_kernel_is_xlas_int32_product_exactly(rows, k, n):
 @pytest.mark.parametrize("build", ["portable", "avx2", "avx512", "avx512bf16", "amx"])
 def test_the_other_builds_agree_with_the_native_one(build):
     """The code other CPUs get, built here where this CPU can run it: plain vector code (no AVX2), AVX2 with
-    FMA (8-lane decode kernels, as on AMD Zen 2/3), AVX-512 without BF16 and VNNI (bf16 widened to f32 for
+    FMA (8-lane kernels, as on AMD Zen 2/3), AVX-512 without BF16 and VNNI (bf16 widened to f32 for
     FMAs, int8 by vpmaddwd), as on Intel servers whose VM hides BF16, AVX-512 with them (vdpbf16ps, as on
     AMD Zen 4), and with AMX tiles for the prefill product (Intel Sapphire Rapids and later)."""
     march = {("portable", "x86_64"): "x86-64-v2", ("portable", "aarch64"): "armv8-a", ("avx2", "x86_64"): "haswell",
@@ -89,7 +89,9 @@ def test_the_other_builds_agree_with_the_native_one(build):
     if not needs.get(build, set()) <= set(cpu_flags().split()):
         pytest.skip(f"this CPU cannot run {build} code")
     lib = ctypes.cdll.LoadLibrary(str(cpu_kernels._build(march)))
-    # without AVX-512 prefill keeps XLA's products; the AMX build runs them in tiles where Linux allows
+    # the prefill's products on the kernel with AVX2 or AVX-512, its attention with AVX-512; the AMX build
+    # runs them in tiles where Linux allows
+    assert lib.VlmCpuKernelsMatmul() == (build != "portable")
     assert lib.VlmCpuKernelsNative() == build.startswith(("avx512", "amx"))
     assert lib.VlmCpuKernelsAmx() == (build == "amx")
     cpu_kernels.register(lib, prefix=f"{build}_")
@@ -101,12 +103,14 @@ def test_the_other_builds_agree_with_the_native_one(build):
         out = jax.ShapeDtypeStruct(native.shape, native.dtype)
         other = np.asarray(jax.jit(jax.ffi.ffi_call(f"{build}_{target}", out))(x, w))
         assert np.array_equal(other, native), dtype  # small integers: every partial sum is exact
-    # 45 weight rows: the AMX build's tiles take 32 of them, its vector code the other 13
-    x, w = (jnp.asarray(rng.integers(-100, 100, shape), jnp.bfloat16) for shape in [(70, 96), (45, 96)])
-    live = jnp.asarray([[3, 30], [0, 35]], jnp.int32)  # two groups of 35 rows
-    native = np.asarray(jax.jit(cpu_kernels.matmul_t)(x, w, live))
-    call = jax.ffi.ffi_call(f"{build}_vlm_cpu_matmul_bf16", jax.ShapeDtypeStruct(native.shape, native.dtype))
-    assert np.array_equal(np.asarray(jax.jit(call)(x, w, live)), native)
+    # 45 weight rows: the AMX build's tiles take 32 of them, its vector code the other 13; K = 320: two
+    # blocks of k (128 pairs a block), 130 rows: three blocks of x
+    for rows, n, k, live in [(70, 45, 96, [[3, 30], [0, 35]]), (130, 13, 320, [[0, 130]])]:
+        x, w = (jnp.asarray(rng.integers(-30, 30, shape), jnp.bfloat16) for shape in [(rows, k), (n, k)])
+        live = jnp.asarray(live, jnp.int32)  # first: two groups of 35 rows
+        native = np.asarray(jax.jit(cpu_kernels.matmul_t)(x, w, live))
+        call = jax.ffi.ffi_call(f"{build}_vlm_cpu_matmul_bf16", jax.ShapeDtypeStruct(native.shape, native.dtype))
+        assert np.array_equal(np.asarray(jax.jit(call)(x, w, live)), native)
     q, k, v = _bf16(rng, 2, 40, 4, 32), _bf16(rng, 2, 2, 40, 32), _bf16(rng, 2, 2, 40, 32)  # D = 32: AMX takes it
     runs = np.repeat([[0, 17, 36], [17, 36, 40]], [17, 19, 4], axis=1)  # three images' [lo, hi), 2 rows
     lo, hi = (jnp.asarray(np.tile(r, (2, 1)), jnp.int32) for r in runs)
@@ -162,10 +166,13 @@ def test_which_products_use_which_kernel(monkeypatch):
     assert not _uses_kernel(mm, jnp.ones((1, 128)), w.astype(jnp.float32), kernel="custom_call")  # f32: XLA
     assert not _uses_kernel(mm, _bf16(rng, 1, 100), _bf16(rng, 64, 100), kernel="custom_call")  # K % 32 != 0
     assert cpu_kernels.range_attention_applies(_bf16(rng, 1, 2, 8, 64))
-    monkeypatch.setattr(cpu_kernels, "_native", False)  # a CPU without AVX-512: prefill stays on XLA
+    monkeypatch.setattr(cpu_kernels, "_native", False)  # AVX2 without AVX-512: the prompt's attention on XLA
     jax.clear_caches()  # the choice is made while tracing
+    assert _uses_kernel(mm, prompt, w, kernel=matmul) and not cpu_kernels.range_attention_applies(_bf16(rng, 1, 2, 8, 64))
+    monkeypatch.setattr(cpu_kernels, "_matmul", False)  # neither: the prefill's products on XLA too
+    jax.clear_caches()
     assert _uses_kernel(mm, _bf16(rng, 1, 128), w) and not _uses_kernel(mm, prompt, w, kernel="custom_call")
-    assert not cpu_kernels.range_attention_applies(_bf16(rng, 1, 2, 8, 64))
+    monkeypatch.setattr(cpu_kernels, "_matmul", True)
     monkeypatch.setattr(cpu_kernels, "_native", True)
     monkeypatch.setenv("VLM_CPU_KERNELS", "0")
     jax.clear_caches()

@@ -50,7 +50,10 @@
 #endif
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
-#define VLM_AVX2 1  // AVX2 and FMA (AMD Zen 2/3, Intel client cores): the decode kernels in 8-lane vectors
+#define VLM_AVX2 1  // AVX2 and FMA (AMD Zen 2/3, Intel client cores): the kernels in 8-lane vectors
+#endif
+#if defined(VLM_AVX512_SPLIT) || defined(VLM_AVX2)
+#define VLM_SPLIT 1  // the prefill product's operands split into f32 once (packed x, a task's weights)
 #endif
 
 namespace ffi = xla::ffi;
@@ -62,6 +65,14 @@ inline float bf16_to_f32(uint16_t h) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
+}
+
+// A bf16 pair as two f32 (bf16 is f32's upper half): the even element and the odd one.
+struct SplitPair {
+  float even, odd;
+};
+inline SplitPair split_pair(uint32_t bits) {
+  return {bf16_to_f32(uint16_t(bits)), bf16_to_f32(uint16_t(bits >> 16))};
 }
 
 constexpr int kRowTile = 4;  // rows of x sharing each weight load
@@ -76,14 +87,6 @@ constexpr int64_t kAlign = 32;  // K must be a multiple (Qwen3-VL's are; vlm/cpu
 // Each Op multiplies one element type: In (x and w), Out (y), a vector accumulator Acc that takes
 // `kStep` elements of k (a divisor of kAlign) per madd, and `total` (a fixed-order sum).
 #if defined(VLM_AVX512)
-
-// A bf16 pair as two f32 (bf16 is f32's upper half): the even element and the odd one.
-struct SplitPair {
-  float even, odd;
-};
-inline SplitPair split_pair(uint32_t bits) {
-  return {bf16_to_f32(uint16_t(bits)), bf16_to_f32(uint16_t(bits >> 16))};
-}
 
 // 32 bf16 as two vectors of 16 f32: the even elements (shifted up 16 bits) and the odd ones (masked).
 struct Bf16Pairs {
@@ -450,6 +453,30 @@ struct PairDot {  // 16 f32 lanes += a.lo * b.lo + a.hi * b.hi over bf16 pairs (
   static Acc madd(Acc acc, Pairs a, Pairs b) { return Bf16::madd(acc, a, b); }
   static Acc load_f32(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, Acc acc) { _mm512_storeu_ps(p, acc); }
+  static Acc set1(float f) { return _mm512_set1_ps(f); }
+  static Acc fmadd(Acc a, Acc b, Acc acc) { return _mm512_fmadd_ps(a, b, acc); }
+};
+#elif defined(VLM_AVX2)
+struct PairDot {  // the same in two 8-lane halves: bf16 pairs split into f32, two FMAs (exact products)
+  struct Acc {
+    __m256 lo, hi;
+  };
+  struct Pairs {
+    Bf16Pairs lo, hi;
+  };
+  static Acc zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+  static Pairs load(const uint32_t* p) {
+    return {split_bf16_pairs(_mm256_loadu_si256((const __m256i*)p)), split_bf16_pairs(_mm256_loadu_si256((const __m256i*)(p + 8)))};
+  }
+  static Pairs broadcast(uint32_t pair) {
+    const Bf16Pairs s = split_bf16_pairs(_mm256_set1_epi32(int(pair)));
+    return {s, s};
+  }
+  static Acc madd(Acc acc, Pairs a, Pairs b) { return {Bf16::madd(acc.lo, a.lo, b.lo), Bf16::madd(acc.hi, a.hi, b.hi)}; }
+  static Acc load_f32(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+  static void store(float* p, Acc acc) { _mm256_storeu_ps(p, acc.lo), _mm256_storeu_ps(p + 8, acc.hi); }
+  static Acc set1(float f) { return {_mm256_set1_ps(f), _mm256_set1_ps(f)}; }
+  static Acc fmadd(Acc a, Acc b, Acc acc) { return {_mm256_fmadd_ps(a.lo, b.lo, acc.lo), _mm256_fmadd_ps(a.hi, b.hi, acc.hi)}; }
 };
 #else
 struct PairDot {  // the same in portable vector code
@@ -489,17 +516,17 @@ void pair_tile(const A* a, int64_t as, const B* b, int64_t bt, int64_t bc, int64
   PairDot::Acc acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = accumulate ? PairDot::load_f32(o + r * os + c * 16) : PairDot::zero();
-#if defined(VLM_AVX512_SPLIT)
+#if defined(VLM_SPLIT)
   if constexpr (std::is_same_v<B, float>) {
-    // the even elements, then the odd ones: C vectors of b and R x C accumulators fit the 32 registers
+    // the even elements, then the odd ones: C vectors of b and R x C accumulators fit the registers
     // (both halves at once spilled 3 of 24 accumulators on every pair); the same FMAs in the same order
     for (int64_t t = 0; t < T; ++t)
       for (int h = 0; h < 2; ++h) {
-        __m512 bv[C];
-        for (int c = 0; c < C; ++c) bv[c] = _mm512_loadu_ps(b + t * bt + h * bt / 2 + c * bc);
+        PairDot::Acc bv[C];
+        for (int c = 0; c < C; ++c) bv[c] = PairDot::load_f32(b + t * bt + h * bt / 2 + c * bc);
         for (int r = 0; r < R; ++r) {
-          const __m512 av = _mm512_set1_ps(h ? a[r * as + t].odd : a[r * as + t].even);
-          for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(bv[c], av, acc[r][c]);
+          const PairDot::Acc av = PairDot::set1(h ? a[r * as + t].odd : a[r * as + t].even);
+          for (int c = 0; c < C; ++c) acc[r][c] = PairDot::fmadd(bv[c], av, acc[r][c]);
         }
       }
   } else
@@ -755,14 +782,19 @@ ffi::Error RangeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::B
 // padding is not): x's M rows are G groups of M/G (a prompt's rows, one image batch), and group g needs
 // rows [live[g][0], live[g][1]); the others are packed out, and their rows of y are zero. The last block of
 // 64 rows runs only its vectors of 16 rows that hold live rows.
-constexpr int kWeightRows = 6;  // x 4 vectors of 16 rows of x: 24 accumulators
+constexpr int kWeightRows = 6;  // x 4 vectors of 16 rows of x: 24 accumulators (AVX2: x 1 vector, 12)
 constexpr int kXBlock = 64;
+#if defined(VLM_AVX2)
+constexpr int kXVectors = 1;  // vectors of 16 rows of x a tile: 16 registers hold 6 x 2 accumulators
+#else
+constexpr int kXVectors = kXBlock / 16;
+#endif
 constexpr int kTaskRows = 16 * kWeightRows;  // 96 floats of a row of y: 6 cache lines
 constexpr int kChunkBlocks = 4;  // blocks of x a task takes: 256 rows
 
 // x packed: a pair of bf16 of 64 rows as 64 words ([block][pair][64]), or, on AVX-512 without BF16,
 // split into f32 ([block][pair][64 even elements, 64 odd ones]), so that pair_tile only loads and FMAs.
-#if defined(VLM_AVX512_SPLIT)
+#if defined(VLM_SPLIT)
 using PackedX = float;
 constexpr int kPackedPair = 2 * kXBlock;
 inline void pack_pair(float* at, uint32_t pair) {
@@ -964,7 +996,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ff
         if (n0 + 2 * kWeightRows <= N)  // the next tile's weights, on their way from memory meanwhile
           for (int64_t r = 0; r < kWeightRows; ++r)
             for (int64_t t = 0; t < T; t += 16) __builtin_prefetch(ww + (n0 + kWeightRows + r) * K2 + k0 + t, 0, 1);
-#if defined(VLM_AVX512_SPLIT)
+#if defined(VLM_SPLIT)
         // the tile's weight pairs split into f32 once for all its blocks of x, not at every broadcast
         thread_local std::vector<SplitPair> split;
         split.resize(kWeightRows * kc);
@@ -977,11 +1009,14 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ff
         const int64_t as = K2;
 #endif
         float* o = acc.data() + (n0 - nt) * cols;
-        for (int64_t b = b0; b < b1; ++b)  // the last block: only its vectors of 16 rows that hold live rows
-          pair_any<kWeightRows, kXBlock / 16>(rows_w, std::min<int64_t>(kXBlock, R - b * kXBlock + 15) / 16, a, as,
-                                             xt.data() + b * K2 * kPackedPair + k0 * kPairStride, kPairStride,
-                                             packed_at(16, 0, K2), T,
-                                             o + (b - b0) * kXBlock, cols, k0 > 0);
+        for (int64_t b = b0; b < b1; ++b) {  // the last block: only its vectors of 16 rows that hold live rows
+          const int64_t vectors = std::min<int64_t>(kXBlock, R - b * kXBlock + 15) / 16;
+          for (int64_t c = 0; c < vectors; c += kXVectors)
+            pair_any<kWeightRows, kXVectors>(rows_w, std::min<int64_t>(kXVectors, vectors - c), a, as,
+                                             xt.data() + b * K2 * kPackedPair + k0 * kPairStride + packed_at(16 * c, 0, K2),
+                                             kPairStride, packed_at(16, 0, K2), T, o + (b - b0) * kXBlock + 16 * c, cols,
+                                             k0 > 0);
+        }
       }
     }
     write_rows(acc.data(), cols, m0, std::min(R, m0 + cols), nt, n1, rows.data(), yp, N);
@@ -1014,6 +1049,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmCpuMatmulBf16, Matmul,
 
 // 1 where the kernels were built with AVX-512: only there do the prefill kernels beat XLA's (the portable
 // product of many rows runs ~40 GFLOP/s); the decode ones are memory-bound anyway.
+// Whether the product of many rows (a prefill's) beats XLA's here: with AVX-512 or AVX2 (the portable
+// build's is ~9x slower than XLA's GEMM).
+extern "C" int VlmCpuKernelsMatmul() {
+#if defined(VLM_AVX512) || defined(VLM_AVX2)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// Whether attention over key ranges does: with AVX-512 (its tiles would spill AVX2's 16 registers).
 extern "C" int VlmCpuKernelsNative() {
 #if defined(VLM_AVX512)
   return 1;

@@ -12,20 +12,23 @@ through jax.ffi, where XLA:CPU's own are slow:
   independent of the batch it is in). On a 2-core Intel Xeon without AVX-512 BF16 (bf16 widened to f32
   for FMAs): 214-263 GFLOP/s against XLA's 168-196 (this CPU's FMA peak: ~370). Where the CPU has AMX
   (Intel Sapphire Rapids and later) the product runs in AMX tiles: on a 2-core VM 1.0-1.7 TFLOP/s (its
-  vdpbf16ps path: ~200; XLA's, which uses AMX there too: 1.2-1.9);
+  vdpbf16ps path: ~200; XLA's, which uses AMX there too: 1.2-1.9). With AVX2 and no AVX-512 (AMD Zen 2/3,
+  Intel client cores) the same kernel in 8-lane FMAs: ~165-195 GFLOP/s on two Zen 4 cores running that
+  build (~90 % of their AVX2 FMA peak), where XLA's bf16 GEMM ran ~95 on a 2-core Zen 3;
 - one query token's attention over a bf16 KV cache (XLA's batched bf16 dots read the cache slowly: at
   batch 8 x 384 slots they took a quarter of the step);
 - attention over one range of keys per query, a prefill's: the vision tower's (each patch over its own
   image's patches; XLA's took ~40 ms a layer at 896 patches, a third of the 2B tower, the kernel ~11) and
-  a prompt's (causal, where XLA runs the products in f32).
+  a prompt's (causal, where XLA runs the products in f32); with AVX-512 only (its tiles would spill
+  AVX2's 16 registers).
 `vlm.ops` decides while tracing, on a single CPU device only (not on a mesh); f32 weights keep XLA's
-products (at memory speed there), and so do prefills on CPUs without AVX-512 (the portable build of
-the prefill kernels is ~9x slower than XLA's GEMM; the decode ones are memory-bound either way).
+products (at memory speed there), and so do prefills on CPUs with neither AVX-512 nor AVX2 (the portable
+build of the prefill kernels is ~9x slower than XLA's GEMM; the decode ones are memory-bound either way).
 
 They are compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`; ~8 s, once) against
 the XLA FFI headers that ship with jaxlib, for this CPU (-march=native: AMX tiles for the prefill
 kernels where the CPU has them, vdpbf16ps / vpdpwssd with AVX-512 BF16 and VNNI, AVX-512 FMAs without
-them, AVX2 FMAs on CPUs without AVX-512 (the decode kernels only), portable vector code elsewhere), and
+them, AVX2 FMAs on CPUs without AVX-512 (all but the prefill's attention), portable vector code elsewhere), and
 cached under
 $VLM_CACHE/kernels. Without a compiler, or with VLM_CPU_KERNELS=0, everything runs on XLA (a one-line
 warning says why).
@@ -67,13 +70,13 @@ def enabled() -> bool:
 
 def applies(x: jax.Array, w: jax.Array) -> bool:
     """Whether `vlm.ops.matmul_t(x, w)` runs on a kernel: bf16 x and w, or int8 w (x then goes to int8 per
-    row, vlm/quantize.py); at most MAX_ROWS rows, or any number in bf16 where the CPU has AVX-512; a
+    row, vlm/quantize.py); at most MAX_ROWS rows, or any number in bf16 where the CPU has AVX-512 or AVX2; a
     multiple of 32 columns (all of Qwen3-VL's); one CPU device; not disabled; built. Decided while
     tracing, so it costs nothing at run time."""
     bf16 = x.dtype == w.dtype == jnp.bfloat16
     if not ((bf16 or w.dtype == jnp.int8) and w.ndim == 2 and w.shape[1] % 32 == 0 and _usable()):
         return False
-    return x.size // x.shape[-1] <= MAX_ROWS or (bf16 and _native)
+    return x.size // x.shape[-1] <= MAX_ROWS or (bf16 and _matmul)
 
 
 def attention_applies(k: jax.Array) -> bool:
@@ -125,7 +128,8 @@ def matmul_t(x: jax.Array, w: jax.Array, live: jax.Array | None = None) -> jax.A
 
 _lock = threading.Lock()
 _loaded: bool | None = None
-_native = False  # built with AVX-512: the prefill kernels (products of many rows, attention) apply
+_matmul = False  # built with AVX-512 or AVX2: the product of many rows (a prefill's) applies
+_native = False  # built with AVX-512: attention over key ranges (a prefill's) applies too
 
 
 def _load() -> bool:
@@ -139,7 +143,7 @@ def _load() -> bool:
 
 
 def _build_and_register() -> bool:
-    global _native
+    global _matmul, _native
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
     except (OSError, subprocess.CalledProcessError) as e:
@@ -148,7 +152,7 @@ def _build_and_register() -> bool:
                       "decoding uses XLA's products, about half as fast", stacklevel=3)
         return False
     register(lib)
-    _native = bool(lib.VlmCpuKernelsNative())
+    _matmul, _native = bool(lib.VlmCpuKernelsMatmul()), bool(lib.VlmCpuKernelsNative())
     return True
 
 
