@@ -25,14 +25,14 @@ from vlm.ops import attention, matmul_t, segment_attention, segment_ranges
 @pytest.fixture(autouse=True, scope="module")
 def prefill_kernels_everywhere():
     """The prefill kernels (products of many rows, attention over key ranges) run where the build has
-    AVX-512 (the product: or AVX2); elsewhere XLA's are faster, but the kernels are tested all the same:
-    this module turns them on there (test_which_products_use_which_kernel checks the choice itself)."""
+    AVX-512 or AVX2; elsewhere XLA's are faster, but the kernels are tested all the same: this module
+    turns them on there (test_which_products_use_which_kernel checks the choice itself)."""
     assert cpu_kernels._load(), "the kernels should build here"
-    before = cpu_kernels._matmul, cpu_kernels._native
-    cpu_kernels._matmul = cpu_kernels._native = True
+    native = cpu_kernels._native
+    cpu_kernels._native = True
     jax.clear_caches()  # the choice is made while tracing
     yield
-    cpu_kernels._matmul, cpu_kernels._native = before
+    cpu_kernels._native = native
     jax.clear_caches()
 
 
@@ -89,10 +89,8 @@ def test_the_other_builds_agree_with_the_native_one(build):
     if not needs.get(build, set()) <= set(cpu_flags().split()):
         pytest.skip(f"this CPU cannot run {build} code")
     lib = ctypes.cdll.LoadLibrary(str(cpu_kernels._build(march)))
-    # the prefill's products on the kernel with AVX2 or AVX-512, its attention with AVX-512; the AMX build
-    # runs them in tiles where Linux allows
-    assert lib.VlmCpuKernelsMatmul() == (build != "portable")
-    assert lib.VlmCpuKernelsNative() == build.startswith(("avx512", "amx"))
+    # the portable build leaves prefill to XLA's products; the AMX build runs them in tiles where Linux allows
+    assert lib.VlmCpuKernelsNative() == (build != "portable")
     assert lib.VlmCpuKernelsAmx() == (build == "amx")
     cpu_kernels.register(lib, prefix=f"{build}_")
     rng = np.random.default_rng(2)
@@ -166,13 +164,10 @@ def test_which_products_use_which_kernel(monkeypatch):
     assert not _uses_kernel(mm, jnp.ones((1, 128)), w.astype(jnp.float32), kernel="custom_call")  # f32: XLA
     assert not _uses_kernel(mm, _bf16(rng, 1, 100), _bf16(rng, 64, 100), kernel="custom_call")  # K % 32 != 0
     assert cpu_kernels.range_attention_applies(_bf16(rng, 1, 2, 8, 64))
-    monkeypatch.setattr(cpu_kernels, "_native", False)  # AVX2 without AVX-512: the prompt's attention on XLA
+    monkeypatch.setattr(cpu_kernels, "_native", False)  # neither AVX-512 nor AVX2: prefill stays on XLA
     jax.clear_caches()  # the choice is made while tracing
-    assert _uses_kernel(mm, prompt, w, kernel=matmul) and not cpu_kernels.range_attention_applies(_bf16(rng, 1, 2, 8, 64))
-    monkeypatch.setattr(cpu_kernels, "_matmul", False)  # neither: the prefill's products on XLA too
-    jax.clear_caches()
     assert _uses_kernel(mm, _bf16(rng, 1, 128), w) and not _uses_kernel(mm, prompt, w, kernel="custom_call")
-    monkeypatch.setattr(cpu_kernels, "_matmul", True)
+    assert not cpu_kernels.range_attention_applies(_bf16(rng, 1, 2, 8, 64))
     monkeypatch.setattr(cpu_kernels, "_native", True)
     monkeypatch.setenv("VLM_CPU_KERNELS", "0")
     jax.clear_caches()

@@ -638,12 +638,25 @@ inline void amx_pairs(int64_t, int64_t, const uint32_t*, int64_t, const uint32_t
 constexpr int kKeys = 16;       // keys per packed K block: one vector of scores
 constexpr int kQueryRows = 32;  // query rows per task
 
-// o = probs . V for all `rows` rows (T key pairs, V packed [pair][16C dims]), ~24 accumulators a tile.
+// Tiles of pair_tile: ~24 accumulators in AVX-512's 32 registers; 8 in AVX2's 16 (b's pairs take 4 halves).
+#if defined(VLM_AVX2)
+constexpr int kScoreRows = 4, kScoreKeys = 1;  // rows of q x vectors of 16 keys
+#else
+constexpr int kScoreRows = 8, kScoreKeys = 3;
+#endif
+
+// o = probs . V for all `rows` rows (T key pairs, V packed [pair][16C dims]).
 template <int C>
 void values(int64_t rows, const uint32_t* probs, int64_t ps, const uint32_t* vp, int64_t T, float* o) {
-  constexpr int R = std::max(1, std::min(8, 24 / C));
+#if defined(VLM_AVX2)
+  constexpr int R = 4, Cs = 1;  // rows x vectors of 16 dims a tile
+#else
+  constexpr int R = std::max(1, std::min(8, 24 / C)), Cs = C;
+#endif
   for (int64_t r = 0; r < rows; r += R)
-    pair_any<R, C>(std::min<int64_t>(R, rows - r), C, probs + r * ps, ps, vp, 16 * C, 16, T, o + r * C * 16, C * 16, false);
+    for (int c = 0; c < C; c += Cs)
+      pair_any<R, Cs>(std::min<int64_t>(R, rows - r), Cs, probs + r * ps, ps, vp + 16 * c, 16 * C, 16, T,
+                      o + r * C * 16 + 16 * c, C * 16, false);
 }
 
 // probs[j + shift] = softmax(s[a:b] * scale)[j - a], rounded to bf16, for j in [a, b); zero elsewhere in
@@ -746,10 +759,12 @@ ffi::Error RangeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::B
       for (int64_t r = 0; r < rows; ++r) std::copy(q + r * H * P, q + r * H * P + P, qs.data() + r * P);
       amx_pairs((rows + 15) / 16, last - first, qs.data(), P, kb, kKeys, P * kKeys, P, scores.data(), W);
     } else {
-      for (int64_t r = 0; r < rows; r += 8)
-        for (int64_t j = 0; j < last - first; j += 3)
-          pair_any<8, 3>(std::min<int64_t>(8, rows - r), std::min<int64_t>(3, last - first - j), q + r * H * P, H * P,
-                         kb + j * P * kKeys, kKeys, P * kKeys, P, scores.data() + r * W + j * kKeys, W, false);
+      for (int64_t r = 0; r < rows; r += kScoreRows)
+        for (int64_t j = 0; j < last - first; j += kScoreKeys)
+          pair_any<kScoreRows, kScoreKeys>(std::min<int64_t>(kScoreRows, rows - r),
+                                           std::min<int64_t>(kScoreKeys, last - first - j), q + r * H * P, H * P,
+                                           kb + j * P * kKeys, kKeys, P * kKeys, P, scores.data() + r * W + j * kKeys, W,
+                                           false);
     }
     for (int64_t r = 0; r < rows; ++r)  // a range from an odd key: its probabilities one later, odd pairs of V
       softmax_row(scores.data() + r * W, probs.data() + r * ps, rlo[r] - first * kKeys, rhi[r] - first * kKeys,
@@ -1049,9 +1064,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmCpuMatmulBf16, Matmul,
 
 // 1 where the kernels were built with AVX-512: only there do the prefill kernels beat XLA's (the portable
 // product of many rows runs ~40 GFLOP/s); the decode ones are memory-bound anyway.
-// Whether the product of many rows (a prefill's) beats XLA's here: with AVX-512 or AVX2 (the portable
-// build's is ~9x slower than XLA's GEMM).
-extern "C" int VlmCpuKernelsMatmul() {
+// Whether the prefill kernels (the product of many rows, attention over key ranges) beat XLA's here: with
+// AVX-512 or AVX2 (the portable build's product is ~9x slower than XLA's GEMM).
+extern "C" int VlmCpuKernelsNative() {
 #if defined(VLM_AVX512) || defined(VLM_AVX2)
   return 1;
 #else
@@ -1059,14 +1074,4 @@ extern "C" int VlmCpuKernelsMatmul() {
 #endif
 }
 
-// Whether attention over key ranges does: with AVX-512 (its tiles would spill AVX2's 16 registers).
-extern "C" int VlmCpuKernelsNative() {
-#if defined(VLM_AVX512)
-  return 1;
-#else
-  return 0;
-#endif
-}
-
-// 1 where the prefill product runs in AMX tiles (built for them, and Linux grants their state).
 extern "C" int VlmCpuKernelsAmx() { return amx_ready(); }

@@ -19,8 +19,7 @@ through jax.ffi, where XLA:CPU's own are slow:
   batch 8 x 384 slots they took a quarter of the step);
 - attention over one range of keys per query, a prefill's: the vision tower's (each patch over its own
   image's patches; XLA's took ~40 ms a layer at 896 patches, a third of the 2B tower, the kernel ~11) and
-  a prompt's (causal, where XLA runs the products in f32); with AVX-512 only (its tiles would spill
-  AVX2's 16 registers).
+  a prompt's (causal, where XLA runs the products in f32).
 `vlm.ops` decides while tracing, on a single CPU device only (not on a mesh); f32 weights keep XLA's
 products (at memory speed there), and so do prefills on CPUs with neither AVX-512 nor AVX2 (the portable
 build of the prefill kernels is ~9x slower than XLA's GEMM; the decode ones are memory-bound either way).
@@ -28,7 +27,7 @@ build of the prefill kernels is ~9x slower than XLA's GEMM; the decode ones are 
 They are compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`; ~8 s, once) against
 the XLA FFI headers that ship with jaxlib, for this CPU (-march=native: AMX tiles for the prefill
 kernels where the CPU has them, vdpbf16ps / vpdpwssd with AVX-512 BF16 and VNNI, AVX-512 FMAs without
-them, AVX2 FMAs on CPUs without AVX-512 (all but the prefill's attention), portable vector code elsewhere), and
+them, AVX2 FMAs on CPUs without AVX-512, portable vector code elsewhere), and
 cached under
 $VLM_CACHE/kernels. Without a compiler, or with VLM_CPU_KERNELS=0, everything runs on XLA (a one-line
 warning says why).
@@ -76,7 +75,7 @@ def applies(x: jax.Array, w: jax.Array) -> bool:
     bf16 = x.dtype == w.dtype == jnp.bfloat16
     if not ((bf16 or w.dtype == jnp.int8) and w.ndim == 2 and w.shape[1] % 32 == 0 and _usable()):
         return False
-    return x.size // x.shape[-1] <= MAX_ROWS or (bf16 and _matmul)
+    return x.size // x.shape[-1] <= MAX_ROWS or (bf16 and _native)
 
 
 def attention_applies(k: jax.Array) -> bool:
@@ -87,7 +86,7 @@ def attention_applies(k: jax.Array) -> bool:
 
 def range_attention_applies(k: jax.Array) -> bool:
     """Whether attention over key ranges (`range_attention`) runs on the kernel for keys `k` [B, Hk, S, D]:
-    bf16, D even and at most 128, on one CPU device with AVX-512, not disabled, built."""
+    bf16, D even and at most 128, on one CPU device with AVX-512 or AVX2, not disabled, built."""
     return k.dtype == jnp.bfloat16 and k.shape[-1] % 2 == 0 and k.shape[-1] <= 128 and _usable() and _native
 
 
@@ -128,8 +127,7 @@ def matmul_t(x: jax.Array, w: jax.Array, live: jax.Array | None = None) -> jax.A
 
 _lock = threading.Lock()
 _loaded: bool | None = None
-_matmul = False  # built with AVX-512 or AVX2: the product of many rows (a prefill's) applies
-_native = False  # built with AVX-512: attention over key ranges (a prefill's) applies too
+_native = False  # built with AVX-512 or AVX2: the prefill kernels (products of many rows, attention) apply
 
 
 def _load() -> bool:
@@ -143,7 +141,7 @@ def _load() -> bool:
 
 
 def _build_and_register() -> bool:
-    global _matmul, _native
+    global _native
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
     except (OSError, subprocess.CalledProcessError) as e:
@@ -152,7 +150,7 @@ def _build_and_register() -> bool:
                       "decoding uses XLA's products, about half as fast", stacklevel=3)
         return False
     register(lib)
-    _matmul, _native = bool(lib.VlmCpuKernelsMatmul()), bool(lib.VlmCpuKernelsNative())
+    _native = bool(lib.VlmCpuKernelsNative())
     return True
 
 
