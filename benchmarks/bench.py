@@ -611,7 +611,7 @@ def markdown(result: dict) -> str:
             vs += f"; {r['ours_over_weight_bytes']:.2f}× our weight bytes"
         lim = f"{r['ours_over_bandwidth_limit']:.0%}" if "ours_over_bandwidth_limit" in r else "—"
         arrow = {True: " ↑", False: " ↓"}[higher] if unit else ""
-        lines.append(f"| {label} ({unit}{arrow}) | " + " | ".join(cells) + f" | {vs} | {lim} |")
+        lines.append(f"| {label}{f' ({unit}{arrow})' if unit else ''} | " + " | ".join(cells) + f" | {vs} | {lim} |")
     lines += ["", "| target | measured | met |", "|---|---:|:---:|"]
     for t in result["targets"]:
         v, met = t["value"], {True: "yes", False: "no", None: "— (no transformers figure)"}[t["met"]]
