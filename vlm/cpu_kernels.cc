@@ -156,10 +156,9 @@ struct Bf16 {  // 16 bf16 pairs into 8 f32 lanes: two FMAs (exact products)
   static Acc zero() { return _mm256_setzero_ps(); }
   static Vec load(const In* p) { return split_bf16_pairs(_mm256_loadu_si256((const __m256i*)p)); }
   static Acc madd(Acc acc, Vec w, Vec x) { return _mm256_fmadd_ps(w.odd, x.odd, _mm256_fmadd_ps(w.even, x.even, acc)); }
-  // x split into f32 pairs once per call, as in the AVX-512 build without BF16 (8 even, then 8 odd)
-  using XIn = float;
-  static Vec load_x(const XIn* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
-  static void store_x(XIn* p, Vec v) { _mm256_storeu_ps(p, v.even), _mm256_storeu_ps(p + 8, v.odd); }
+  // x is split at each load, not once per call as in the AVX-512 build without BF16: split, 8 rows of x
+  // are twice the bytes, read again for every 2 weight rows (Zen 4 cores running this build, 28 distinct
+  // 2B weights: 8 rows 12-15 -> 17-18 GB/s, 4 rows 23-28 -> 27-33; 1 row the same)
   static Out total(Acc acc) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
