@@ -344,8 +344,15 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even (finite values)
   return uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t s32x16 __attribute__((vector_size(64)));
+// Vectors of floats and ints in plain vector code, as wide as the CPU's (GCC turns a select of 16-lane
+// vectors into scalar code on AVX2).
+#if defined(VLM_AVX2)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 16;
+#endif
+typedef float fvec __attribute__((vector_size(4 * kLanes)));
+typedef int32_t ivec __attribute__((vector_size(4 * kLanes)));
 
 template <typename To, typename From>
 To convert(From v) {  // a float or int, or a vector of them, to the same number of another type
@@ -355,7 +362,7 @@ To convert(From v) {  // a float or int, or a vector of them, to the same number
     return __builtin_convertvector(v, To);
 }
 
-// exp(x) for x <= 0, of a float (F, I = float, int32_t) or 16 at once (f32x16, s32x16), in plain
+// exp(x) for x <= 0, of a float (F, I = float, int32_t) or a vector of them (fvec, ivec), in plain
 // arithmetic: 2^(x log2 e) as 2^n times a degree-6 polynomial for 2^f, f in [0, 1); relative error
 // ~2e-7, below a bf16 probability's rounding.
 template <typename F = float, typename I = int32_t>
@@ -659,31 +666,38 @@ void values(int64_t rows, const uint32_t* probs, int64_t ps, const uint32_t* vp,
 }
 
 // probs[j + shift] = softmax(s[a:b] * scale)[j - a], rounded to bf16, for j in [a, b); zero elsewhere in
-// probs[:W]. s[a:b] is overwritten; up to 15 floats past b are read, never changed. In 16-lane vectors
-// (GCC does not vectorize the exp's loop by itself) whose lanes start at a: the sum's order, like all
+// probs[:W]. s[a:b] is overwritten; up to 15 floats past b are read, never changed. In 16 lanes (vectors:
+// GCC does not vectorize the exp's loop by itself) that start at a: the sum's order, like all
 // else here, depends only on the row's own range, not on where it sits (its padding, the images before).
 void softmax_row(float* s, uint16_t* probs, int64_t a, int64_t b, int64_t shift, int64_t W, float scale) {
-  const s32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  constexpr int parts = 16 / kLanes;  // lane l of part p is lane p * kLanes + l of the 16
+  ivec lane;
+  for (int l = 0; l < kLanes; ++l) lane[l] = l;
   const auto load = [&](int64_t j) {
-    f32x16 v;
+    fvec v;
     std::memcpy(&v, s + j, sizeof v);
     return v * scale;
   };
   const auto inside = [&](int64_t j) { return lane + int32_t(j) < int32_t(b); };
-  f32x16 top = f32x16{} - INFINITY, total = {};
-  for (int64_t j = a; j < b; j += 16) top = inside(j) && load(j) > top ? load(j) : top;
+  fvec top[parts], total[parts];
+  for (int p = 0; p < parts; ++p) top[p] = fvec{} - INFINITY, total[p] = fvec{};
+  for (int64_t j = a; j < b; j += 16)
+    for (int p = 0, i = j; p < parts; ++p, i += kLanes) top[p] = (inside(i) & (load(i) > top[p])) ? load(i) : top[p];
   float m = -INFINITY;
-  for (int i = 0; i < 16; ++i) m = std::max(m, top[i]);
-  for (int64_t j = a; j < b; j += 16) {
-    const f32x16 e = inside(j) ? exp_nonpositive<f32x16, s32x16>(load(j) - m) : f32x16{};
-    f32x16 kept;
-    std::memcpy(&kept, s + j, sizeof kept);
-    kept = inside(j) ? e : kept;  // the floats past b (another row's) stay as they are
-    std::memcpy(s + j, &kept, sizeof kept);
-    total += e;
-  }
+  for (int p = 0; p < parts; ++p)
+    for (int l = 0; l < kLanes; ++l) m = std::max(m, top[p][l]);
+  for (int64_t j = a; j < b; j += 16)
+    for (int64_t p = 0, i = j; p < parts; ++p, i += kLanes) {
+      const fvec e = inside(i) ? exp_nonpositive<fvec, ivec>(load(i) - m) : fvec{};
+      fvec kept;
+      std::memcpy(&kept, s + i, sizeof kept);
+      kept = inside(i) ? e : kept;  // the floats past b (another row's) stay as they are
+      std::memcpy(s + i, &kept, sizeof kept);
+      total[p] += e;
+    }
   float sum = 0.f;
-  for (int i = 0; i < 16; ++i) sum += total[i];
+  for (int p = 0; p < parts; ++p)
+    for (int l = 0; l < kLanes; ++l) sum += total[p][l];
   std::fill(probs, probs + W, 0);
 #pragma omp simd
   for (int64_t j = a; j < b; ++j) probs[j + shift] = f32_to_bf16(s[j] / sum);
