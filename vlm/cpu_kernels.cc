@@ -682,7 +682,7 @@ void softmax_row(float* s, uint16_t* probs, int64_t a, int64_t b, int64_t shift,
   fvec top[parts], total[parts];
   for (int p = 0; p < parts; ++p) top[p] = fvec{} - INFINITY, total[p] = fvec{};
   for (int64_t j = a; j < b; j += 16)
-    for (int p = 0, i = j; p < parts; ++p, i += kLanes) top[p] = (inside(i) & (load(i) > top[p])) ? load(i) : top[p];
+    for (int64_t p = 0, i = j; p < parts; ++p, i += kLanes) top[p] = (inside(i) & (load(i) > top[p])) ? load(i) : top[p];
   float m = -INFINITY;
   for (int p = 0; p < parts; ++p)
     for (int l = 0; l < kLanes; ++l) m = std::max(m, top[p][l]);
@@ -1075,8 +1075,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmCpuMatmulBf16, Matmul,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::BF16>>().Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>().Ret<ffi::Buffer<ffi::F32>>());
 
-// 1 where the kernels were built with AVX-512: only there do the prefill kernels beat XLA's (the portable
-// product of many rows runs ~40 GFLOP/s); the decode ones are memory-bound anyway.
 // Whether the prefill kernels (the product of many rows, attention over key ranges) beat XLA's here: with
 // AVX-512 or AVX2 (the portable build's product is ~9x slower than XLA's GEMM).
 extern "C" int VlmCpuKernelsNative() {

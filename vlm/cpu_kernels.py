@@ -27,8 +27,7 @@ build of the prefill kernels is ~9x slower than XLA's GEMM; the decode ones are 
 They are compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`; ~8 s, once) against
 the XLA FFI headers that ship with jaxlib, for this CPU (-march=native: AMX tiles for the prefill
 kernels where the CPU has them, vdpbf16ps / vpdpwssd with AVX-512 BF16 and VNNI, AVX-512 FMAs without
-them, AVX2 FMAs on CPUs without AVX-512, portable vector code elsewhere), and
-cached under
+them, AVX2 FMAs on CPUs without AVX-512, portable vector code elsewhere), and cached under
 $VLM_CACHE/kernels. Without a compiler, or with VLM_CPU_KERNELS=0, everything runs on XLA (a one-line
 warning says why).
 """
