@@ -19,7 +19,7 @@ from vlm import SamplingConfig, cpu_kernels, load_model, prepare_inputs, sample,
 from vlm import model as M
 from vlm.cache import cpu_flags
 from vlm import sampling as S
-from vlm.ops import attention, matmul_t, segment_attention, segment_ranges
+from vlm.ops import LayerOf, attention, matmul_t, segment_attention, segment_ranges
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -99,7 +99,7 @@ def test_the_other_builds_agree_with_the_native_one(build):
         w = jnp.asarray(rng.integers(-100, 100, (21, 384)), dtype)
         native = np.asarray(jax.jit(cpu_kernels.matmul_t)(x, w))
         out = jax.ShapeDtypeStruct(native.shape, native.dtype)
-        other = np.asarray(jax.jit(jax.ffi.ffi_call(f"{build}_{target}", out))(x, w))
+        other = np.asarray(jax.jit(jax.ffi.ffi_call(f"{build}_{target}", out))(x, jnp.int32(0), w))
         assert np.array_equal(other, native), dtype  # small integers: every partial sum is exact
     # 45 weight rows: the AMX build's tiles take 32 of them, its vector code the other 13; K = 320: two
     # blocks of k (128 pairs a block), 130 rows: three blocks of x
@@ -108,7 +108,7 @@ def test_the_other_builds_agree_with_the_native_one(build):
         live = jnp.asarray(live, jnp.int32)  # first: two groups of 35 rows
         native = np.asarray(jax.jit(cpu_kernels.matmul_t)(x, w, live))
         call = jax.ffi.ffi_call(f"{build}_vlm_cpu_matmul_bf16", jax.ShapeDtypeStruct(native.shape, native.dtype))
-        assert np.array_equal(np.asarray(jax.jit(call)(x, w, live)), native)
+        assert np.array_equal(np.asarray(jax.jit(call)(x, live, jnp.int32(0), w)), native)
     q, k, v = _bf16(rng, 2, 40, 4, 32), _bf16(rng, 2, 2, 40, 32), _bf16(rng, 2, 2, 40, 32)  # D = 32: AMX takes it
     runs = np.repeat([[0, 17, 36], [17, 36, 40]], [17, 19, 4], axis=1)  # three images' [lo, hi), 2 rows
     lo, hi = (jnp.asarray(np.tile(r, (2, 1)), jnp.int32) for r in runs)
@@ -129,6 +129,30 @@ def test_a_rows_result_does_not_depend_on_the_batch():
     batch = np.asarray(_product(x, w := _bf16(rng, 45, 4096)))  # AMX: 32 weight rows in tiles, 13 not
     for rows in (slice(0, 17), slice(100, 300), slice(7, 500), slice(300, 700)):
         assert np.array_equal(np.asarray(_product(x[rows], w)), batch[rows]), rows
+
+
+def test_kernels_read_the_layer_they_are_given():
+    """In the decoder's loop over layers a product gets every layer's weights and the layer's index, the
+    decode attention a cache stacked over layers and the index: each reads that layer in place."""
+    rng = np.random.default_rng(4)
+    index = jax.jit(lambda f, i: f(i), static_argnums=0)  # the layer index traced, as in the loop
+    for dtype, rows in [(jnp.bfloat16, 3), (jnp.int8, 3), (jnp.bfloat16, 40)]:
+        x = jnp.asarray(rng.integers(-9, 9, (rows, 64)), dtype)
+        ws = tuple(jnp.asarray(rng.integers(-9, 9, (24, 64)), dtype) for _ in range(3))
+        for i in range(3):
+            got = index(lambda i: cpu_kernels.matmul_t(x, ws, layer=i), i)
+            assert np.array_equal(np.asarray(got), np.asarray(cpu_kernels.matmul_t(x, ws[i]))), (dtype, rows, i)
+            layer = LayerOf(ws, jnp.int32(i))  # as vlm.ops.matmul_t sees it; f32: a switch over the layers
+            for w in [layer, LayerOf(tuple(a.astype(jnp.float32) for a in ws), jnp.int32(i))]:
+                want = matmul_t(x.astype(w.dtype), w.arrays[i], out_dtype=jnp.float32)
+                assert np.array_equal(np.asarray(matmul_t(x.astype(w.dtype), w, out_dtype=jnp.float32)), want)
+    with pytest.raises(Exception, match="layer index out of range"):
+        np.asarray(index(lambda i: cpu_kernels.matmul_t(x, ws, layer=i), 3))
+    q, keep = _bf16(rng, 2, 2, 4, 32), jnp.asarray(rng.random((2, 40)) < 0.7)
+    k, v = _bf16(rng, 3, 2, 2, 40, 32), _bf16(rng, 3, 2, 2, 40, 32)  # [L, B, Kv, S, D]
+    for i in range(3):
+        got = index(lambda i: cpu_kernels.attend_one_query(q, k, v, keep, 0.3, layer=i), i)
+        assert np.array_equal(np.asarray(got), np.asarray(cpu_kernels.attend_one_query(q, k[i], v[i], keep, 0.3)))
 
 
 def test_the_matmul_kernel_computes_only_the_live_rows():
@@ -286,9 +310,43 @@ def test_bf16_decode_step_writes_the_cache_in_place(bf16):
         return M.decode(params, model.cfg, token, inputs.next_position, inputs.start, slot, cache)
 
     hlo = jax.jit(step, donate_argnums=2).lower(params, token, cache).compile().as_text()
-    layer = ",".join(map(str, cache["k"][0].shape))
-    assert f"bf16[{layer}]" in hlo
-    assert f"f32[{layer}]" not in hlo
+    assert isinstance(cache["k"], jax.Array)  # stacked over layers: the decoder loops over them
+    shape = ",".join(map(str, cache["k"].shape))
+    assert f"bf16[{shape}]" in hlo
+    assert f"f32[{shape}]" not in hlo
+    assert not any(f"[{shape}]" in line for line in hlo.splitlines() if " copy(" in line)
+
+
+def test_bf16_decoder_is_one_layer_in_a_loop_and_computes_the_unrolled_layers(bf16, monkeypatch):
+    """On the kernels the decoder loops over its layers: a program holds one layer's products, which read
+    the layer's weights and cache in place given every layer's and the index, and computes what the
+    unrolled layers compute (up to where XLA rounds bf16 between its fusions, which differ)."""
+    model, params, tok = bf16
+    inputs = prepare_inputs(model, params, tok, [_image(224, 256, 0)], ["Describe this image."])
+    cfg = S.SamplingConfig(temperature=0, max_new_tokens=4).resolved(model)
+    layers = model.cfg.text.num_hidden_layers
+    assert layers > 1
+
+    def run():
+        token, _, cache = S._start(model, params, inputs, cfg, jax.random.key(0))
+        slot = inputs.prompt_tokens.shape[1]
+
+        def step(params, token, cache):
+            return M.decode(params, model.cfg, token, inputs.next_position, inputs.start, slot, cache)[0]
+
+        hlo = jax.jit(step).lower(params, token, cache).as_text()
+        return token, np.asarray(jax.jit(step)(params, token, cache)), hlo.count("@vlm_cpu_matvec_bf16(")
+
+    token, looped, products = run()
+    assert products == 7 + 1  # q, k, v, o, gate, up, down; the lm head
+    monkeypatch.setattr(M, "layer_loop", lambda dtype: False)
+    jax.clear_caches()  # the choice is made while tracing
+    unrolled_token, unrolled, products = run()
+    assert products == 7 * layers + 1
+    assert token == unrolled_token  # the prefill's
+    assert np.abs(looped - unrolled).max() < 0.02 * (unrolled.max() - unrolled.min())
+    assert np.argmax(looped) == np.argmax(unrolled)
+    jax.clear_caches()
 
 
 def test_bf16_decode_step_runs_on_the_kernel_and_matches_xla(bf16, monkeypatch):

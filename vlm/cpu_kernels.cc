@@ -317,12 +317,25 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, Fn fn) {
   while (progress->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
+// A loop over layers (vlm/model.py) passes a product every layer's weights and the layer's index, and
+// the kernel reads that layer's in place; outside one, one weight array and index 0.
+template <ffi::DataType T>
+ffi::ErrorOr<ffi::Buffer<T>> layer_of(ffi::RemainingArgs weights, ffi::Buffer<ffi::S32> layer) {
+  const int64_t i = layer.typed_data()[0];
+  if (layer.element_count() != 1 || i < 0 || i >= int64_t(weights.size()))
+    return ffi::Unexpected(ffi::Error::InvalidArgument("cpu_kernels: layer index out of range"));
+  return weights.get<ffi::Buffer<T>>(i);
+}
+
 template <typename Op, ffi::DataType In, ffi::DataType Out>
-ffi::Error Matvec(ffi::ThreadPool pool, ffi::Buffer<In> x, ffi::Buffer<In> w, ffi::ResultBuffer<Out> y) {
-  const auto wd = w.dimensions();
+ffi::Error Matvec(ffi::ThreadPool pool, ffi::Buffer<In> x, ffi::Buffer<ffi::S32> layer, ffi::RemainingArgs weights,
+                  ffi::ResultBuffer<Out> y) {
+  const auto w = layer_of<In>(weights, layer);
+  if (!w.has_value()) return w.error();
+  const auto wd = w->dimensions();
   if (wd.size() != 2 || wd[1] % kAlign != 0 || x.element_count() % wd[1] != 0)
     return ffi::Error::InvalidArgument("cpu_kernels: expected x [R, K] and w [N, K] with K a multiple of 32");
-  const auto* wp = reinterpret_cast<const typename Op::In*>(w.untyped_data());
+  const auto* wp = reinterpret_cast<const typename Op::In*>(w->untyped_data());
   auto* yp = reinterpret_cast<typename Op::Out*>(y->untyped_data());
   const int64_t N = wd[0], K = wd[1], R = x.element_count() / K;
   thread_local std::vector<typename XOf<Op>::In> scratch;  // the caller's; the pool's threads only read it
@@ -336,8 +349,8 @@ ffi::Error Matvec(ffi::ThreadPool pool, ffi::Buffer<In> x, ffi::Buffer<In> w, ff
 
 // One query token's attention over a bf16 KV cache (a decode step), per (row, kv head): scores in f32,
 // softmax over the slots `keep` keeps, probabilities rounded to bf16 (as vlm.ops.attention does), then
-// their weighted sum of the V rows in f32. q [B, Kv, G, D], k/v [B, Kv, S, D],
-// keep [B, S], scale -> out [B, Kv, G, D] f32. Each (row, kv head) is one task: rows stay independent.
+// their weighted sum of the V rows in f32. q [B, Kv, G, D], the layer's index, k/v [B, Kv, S, D] (index 0)
+// or a cache stacked over layers [L, B, Kv, S, D], keep [B, S], scale -> out [B, Kv, G, D] f32. Each (row, kv head) is one task: rows stay independent.
 inline uint16_t f32_to_bf16(float f) {  // round to nearest even (finite values)
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
@@ -420,16 +433,20 @@ void attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, const bool*
   }
 }
 
-ffi::Error AttendOneQuery(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k,
-                          ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::PRED> keep, float scale,
+ffi::Error AttendOneQuery(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::S32> layer,
+                          ffi::Buffer<ffi::BF16> k, ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::PRED> keep, float scale,
                           ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions(), kd = k.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || qd[0] != kd[0] || qd[1] != kd[1] || qd[3] != kd[3])
-    return ffi::Error::InvalidArgument("cpu attention: expected q [B, Kv, G, D] and k/v [B, Kv, S, D]");
-  const int64_t heads = qd[0] * qd[1], G = qd[2], D = qd[3], S = kd[2], kv = qd[1];
+  const int64_t L = kd.size() == 5 ? kd[0] : 1, at = kd.size() - 4, i = layer.typed_data()[0];
+  if (qd.size() != 4 || kd.size() < 4 || kd.size() > 5 || qd[0] != kd[at] || qd[1] != kd[at + 1] ||
+      qd[3] != kd[at + 3] || k.element_count() != v.element_count())
+    return ffi::Error::InvalidArgument("cpu attention: expected q [B, Kv, G, D] and k/v [(L,) B, Kv, S, D]");
+  if (layer.element_count() != 1 || i < 0 || i >= L)
+    return ffi::Error::InvalidArgument("cpu attention: layer index out of range");
+  const int64_t heads = qd[0] * qd[1], G = qd[2], D = qd[3], S = kd[at + 2], kv = qd[1];
   const auto* qp = reinterpret_cast<const uint16_t*>(q.untyped_data());
-  const auto* kp = reinterpret_cast<const uint16_t*>(k.untyped_data());
-  const auto* vp = reinterpret_cast<const uint16_t*>(v.untyped_data());
+  const auto* kp = reinterpret_cast<const uint16_t*>(k.untyped_data()) + i * heads * S * D;  // the layer's cache
+  const auto* vp = reinterpret_cast<const uint16_t*>(v.untyped_data()) + i * heads * S * D;
   const bool* mp = keep.typed_data();
   float* op = out->typed_data();
   parallel_for(pool, heads, [=](int64_t h) {
@@ -954,15 +971,17 @@ void amx_block(const uint32_t* w, int64_t K2, const uint32_t* xt, int64_t b0, in
 }
 #endif
 
-ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w, ffi::Buffer<ffi::S32> live,
-                  ffi::ResultBuffer<ffi::F32> y) {
-  const auto wd = w.dimensions();
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S32> live, ffi::Buffer<ffi::S32> layer,
+                  ffi::RemainingArgs weights, ffi::ResultBuffer<ffi::F32> y) {
+  const auto w = layer_of<ffi::BF16>(weights, layer);
+  if (!w.has_value()) return w.error();
+  const auto wd = w->dimensions();
   if (wd.size() != 2 || wd[1] % 2 != 0 || x.element_count() % wd[1] != 0)
     return ffi::Error::InvalidArgument("cpu matmul: expected x [M, K] and w [N, K] with K even");
   const int64_t N = wd[0], K2 = wd[1] / 2, M = x.element_count() / wd[1], G = live.element_count() / 2;
   if (G < 1 || M % G != 0) return ffi::Error::InvalidArgument("cpu matmul: expected live [G, 2] with G dividing M");
   const auto* xw = reinterpret_cast<const uint32_t*>(x.untyped_data());
-  const auto* ww = reinterpret_cast<const uint32_t*>(w.untyped_data());
+  const auto* ww = reinterpret_cast<const uint32_t*>(w->untyped_data());
   float* yp = y->typed_data();
   std::vector<int64_t> rows;  // the live rows, in order; the others' rows of y are zero
   const int32_t* lp = live.typed_data();
@@ -1055,25 +1074,26 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ff
 }  // namespace
 
 // bf16 x bf16 -> f32, and int8 x int8 -> int32 (vlm/quantize.py's W8A8 product, exactly).
-#define VLM_BINDING(IN, OUT) \
-  ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<IN>>().Arg<ffi::Buffer<IN>>().Ret<ffi::Buffer<OUT>>()
+// x, the layer's index, then the weights (every layer's in a loop over layers; else one array).
+#define VLM_BINDING(IN, OUT)                                                                                   \
+  ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<IN>>().Arg<ffi::Buffer<ffi::S32>>().RemainingArgs() \
+      .Ret<ffi::Buffer<OUT>>()
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmCpuMatvecBf16, (Matvec<Bf16, ffi::BF16, ffi::F32>), VLM_BINDING(ffi::BF16, ffi::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmCpuMatvecInt8, (Matvec<Int8, ffi::S8, ffi::S32>), VLM_BINDING(ffi::S8, ffi::S32));
-// attention: bf16 q, k and v, then which keys each query takes, and the scale.
-#define VLM_QKV                      \
-  ffi::Ffi::Bind()                   \
-      .Ctx<ffi::ThreadPool>()        \
-      .Arg<ffi::Buffer<ffi::BF16>>() \
-      .Arg<ffi::Buffer<ffi::BF16>>() \
-      .Arg<ffi::Buffer<ffi::BF16>>()
+// attention: bf16 q (one query: then the layer's index), bf16 k and v, which keys each query takes, the scale.
+#define VLM_BF16 ffi::Buffer<ffi::BF16>
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmCpuAttendOneQueryBf16, AttendOneQuery,
-                              VLM_QKV.Arg<ffi::Buffer<ffi::PRED>>().Attr<float>("scale").Ret<ffi::Buffer<ffi::F32>>());
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<VLM_BF16>().Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<VLM_BF16>().Arg<VLM_BF16>().Arg<ffi::Buffer<ffi::PRED>>().Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmCpuRangeAttentionBf16, RangeAttention,
-                              VLM_QKV.Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::S32>>().Attr<float>("scale")
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<VLM_BF16>().Arg<VLM_BF16>().Arg<VLM_BF16>()
+                                  .Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::S32>>().Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::BF16>>());
+// a product of many rows: x, live (as the JAX side's `live`), the layer's index, the weights.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmCpuMatmulBf16, Matmul,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::BF16>>().Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>().Ret<ffi::Buffer<ffi::F32>>());
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<VLM_BF16>().Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>().RemainingArgs().Ret<ffi::Buffer<ffi::F32>>());
 
 // Whether the prefill kernels (the product of many rows, attention over key ranges) beat XLA's here: with
 // AVX-512 or AVX2 (the portable build's product is ~9x slower than XLA's GEMM).

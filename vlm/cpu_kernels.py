@@ -20,6 +20,9 @@ through jax.ffi, where XLA:CPU's own are slow:
 - attention over one range of keys per query, a prefill's: the vision tower's (each patch over its own
   image's patches; XLA's took ~40 ms a layer at 896 patches, a third of the 2B tower, the kernel ~11) and
   a prompt's (causal, where XLA runs the products in f32).
+The products and the cache's attention take every layer's arrays and a layer index and read that layer's
+in place, so the text decoder runs as a loop over its layers (`vlm.model.layer_loop`): XLA's own products
+would copy a layer's weights out of a stack at every step.
 `vlm.ops` decides while tracing, on a single CPU device only (not on a mesh); f32 weights keep XLA's
 products (at memory speed there), and so do prefills on CPUs with neither AVX-512 nor AVX2 (the portable
 build of the prefill kernels is ~9x slower than XLA's GEMM; the decode ones are memory-bound either way).
@@ -72,7 +75,7 @@ def applies(x: jax.Array, w: jax.Array) -> bool:
     multiple of 32 columns (all of Qwen3-VL's); one CPU device; not disabled; built. Decided while
     tracing, so it costs nothing at run time."""
     bf16 = x.dtype == w.dtype == jnp.bfloat16
-    if not ((bf16 or w.dtype == jnp.int8) and w.ndim == 2 and w.shape[1] % 32 == 0 and _usable()):
+    if not ((bf16 or w.dtype == jnp.int8) and w.ndim == 2 and w.shape[1] % 32 == 0 and usable()):
         return False
     return x.size // x.shape[-1] <= MAX_ROWS or (bf16 and _native)
 
@@ -80,26 +83,26 @@ def applies(x: jax.Array, w: jax.Array) -> bool:
 def attention_applies(k: jax.Array) -> bool:
     """Whether one query token's attention over the cache `k` runs on the kernel: a bf16 cache [B, Kv, S,
     D] with D a multiple of 16, on one CPU device, not disabled, built."""
-    return k.dtype == jnp.bfloat16 and k.shape[-1] % 16 == 0 and _usable()
+    return k.dtype == jnp.bfloat16 and k.shape[-1] % 16 == 0 and usable()
 
 
 def range_attention_applies(k: jax.Array) -> bool:
     """Whether attention over key ranges (`range_attention`) runs on the kernel for keys `k` [B, Hk, S, D]:
     bf16, D even and at most 128, on one CPU device with AVX-512 or AVX2, not disabled, built."""
-    return k.dtype == jnp.bfloat16 and k.shape[-1] % 2 == 0 and k.shape[-1] <= 128 and _usable() and _native
+    return k.dtype == jnp.bfloat16 and k.shape[-1] % 2 == 0 and k.shape[-1] <= 128 and usable() and _native
 
 
-def _usable() -> bool:
+def usable() -> bool:
     """On one CPU device, not disabled, and built."""
     return jax.default_backend() == "cpu" and jax.device_count() == 1 and enabled() and _load()
 
 
-def attend_one_query(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array, scale: float) -> jax.Array:
+def attend_one_query(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array, scale: float, layer=0) -> jax.Array:
     """softmax(q k^T * scale, over the slots `keep` keeps) v for q [B, Kv, G, D] and a bf16 cache k/v
-    [B, Kv, S, D], keep [B, S] -> f32 [B, Kv, G, D]; probabilities rounded to bf16 before the sum of V,
-    as `vlm.ops.attention` does."""
+    [B, Kv, S, D] (or stacked over layers, [L, B, Kv, S, D], of which layer `layer`), keep [B, S] -> f32
+    [B, Kv, G, D]; probabilities rounded to bf16 before the sum of V, as `vlm.ops.attention` does."""
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-    return jax.ffi.ffi_call(_ATTENTION[0], out)(q.astype(k.dtype), k, v, keep, scale=np.float32(scale))
+    return jax.ffi.ffi_call(_ATTENTION[0], out)(q.astype(k.dtype), _index(layer), k, v, keep, scale=np.float32(scale))
 
 
 def range_attention(q: jax.Array, k: jax.Array, v: jax.Array, lo: jax.Array, hi: jax.Array, scale: float) -> jax.Array:
@@ -110,18 +113,26 @@ def range_attention(q: jax.Array, k: jax.Array, v: jax.Array, lo: jax.Array, hi:
     return jax.ffi.ffi_call(_RANGE_ATTENTION[0], out)(q.astype(k.dtype), k, v, lo, hi, scale=np.float32(scale))
 
 
-def matmul_t(x: jax.Array, w: jax.Array, live: jax.Array | None = None) -> jax.Array:
+def matmul_t(x: jax.Array, w, live: jax.Array | None = None, layer=0) -> jax.Array:
     """x [..., K] @ w.T for w [N, K]: bf16 x bf16 -> f32, int8 x int8 -> int32 (exact), [..., N]; the
-    matrix-vector kernel up to MAX_ROWS rows, the matrix-matrix one (bf16) above. `live` [G, 2]: x's rows
-    are G groups of equal size, and only rows [live[g, 0], live[g, 1]) of group g are needed; the
-    matrix-matrix kernel computes only those (a bucket's padding costs nothing) and zeroes the others."""
-    target, _, out = _KERNELS[jnp.dtype(w.dtype)]
-    args = (x, w)
+    matrix-vector kernel up to MAX_ROWS rows, the matrix-matrix one (bf16) above. `w` may be a tuple of
+    every layer's weights, of which the kernel reads layer `layer` in place (a loop over layers,
+    `vlm.ops.LayerOf`). `live` [G, 2]: x's rows are G groups of equal size, and only rows [live[g, 0],
+    live[g, 1]) of group g are needed; the matrix-matrix kernel computes only those (a bucket's padding
+    costs nothing) and zeroes the others."""
+    weights = tuple(w) if isinstance(w, (tuple, list)) else (w,)
+    target, _, out = _KERNELS[jnp.dtype(weights[0].dtype)]
+    args = (x, _index(layer))
     if x.size // x.shape[-1] > MAX_ROWS:
         target = _MATMUL[0]
         live = jnp.array([[0, x.size // x.shape[-1]]]) if live is None else live
-        args = (x, w, live.astype(jnp.int32))
-    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]), out))(*args)
+        args = (x, live.astype(jnp.int32), _index(layer))
+    shape = jax.ShapeDtypeStruct((*x.shape[:-1], weights[0].shape[0]), out)
+    return jax.ffi.ffi_call(target, shape)(*args, *weights)
+
+
+def _index(layer) -> jax.Array:
+    return jnp.asarray(layer, jnp.int32).reshape(())
 
 
 _lock = threading.Lock()

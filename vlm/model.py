@@ -17,11 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import cpu_kernels
 from .config import ModelConfig, TextConfig
 from .memory import release_free_memory
-from .ops import Params, activation, apply_rope, attention, linear, matmul_t, rms_norm, rotate_half_fused
+from .ops import LayerOf, Params, activation, apply_rope, attention, linear, matmul_t, rms_norm, rotate_half_fused
 
-Cache = dict[str, list[jax.Array]]  # {"k", "v"}: one [B, kv_heads, S, head_dim] array per layer
+# {"k", "v"}: one [B, kv_heads, S, head_dim] array per layer, or one [layers, B, kv_heads, S, head_dim] array
+# where the decoder loops over its layers (`layer_loop`)
+Cache = dict[str, list[jax.Array] | jax.Array]
 
 
 @dataclass(eq=False)
@@ -79,13 +82,30 @@ class Qwen3VL:
         self.programs = 0
 
 
+def layer_loop(dtype) -> bool:
+    """Whether the text decoder runs as a loop over its layers, compiling one layer instead of all of them:
+    where its products and its cache's attention run on vlm/cpu_kernels.cc (bf16 activations, int8 or bf16
+    weights, one CPU device), which read a layer's weights and cache in place given every layer's and the
+    layer's index. A 2B program then holds ~1.5 MB instead of ~40 and compiles in a fraction of the time.
+    XLA's own products would copy each layer's weights out of a stack, so elsewhere the layers are unrolled."""
+    return jnp.dtype(dtype) == jnp.bfloat16 and cpu_kernels.usable()
+
+
 def init_cache(cfg: TextConfig, batch: int, length: int, dtype) -> Cache:
-    """A zeroed KV cache, one array per layer: each decode step writes every layer's new slot in place,
-    whereas into one stacked [layers, ...] array XLA (CPU) copies the whole array at every layer's write
-    (as it does when the attention reads a reshaped view of the array it writes). Heads before slots make
-    both attention products batched over (row, kv head) in the cache's own layout: no per-step copy."""
+    """A zeroed KV cache: stacked over layers where the decoder loops over them (`layer_loop`), each layer's
+    slots written in place in the loop; else one array per layer: unrolled, into one stacked array XLA
+    (CPU) copies the whole array at every layer's write (as it does when the attention reads a reshaped
+    view of the array it writes). Heads before slots make both attention products batched over (row, kv
+    head) in the cache's own layout: no per-step copy."""
     shape = (batch, cfg.num_key_value_heads, length, cfg.head_dim)
+    if layer_loop(dtype):
+        return {name: jnp.zeros((cfg.num_hidden_layers, *shape), dtype) for name in ("k", "v")}
     return {name: [jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)] for name in ("k", "v")}
+
+
+def cache_length(cache: Cache) -> int:
+    """The cache's slots per row."""
+    return (cache["k"] if isinstance(cache["k"], jax.Array) else cache["k"][0]).shape[-2]
 
 
 def mrope_cos_sin(positions: jax.Array, cfg: TextConfig, dtype) -> tuple[jax.Array, jax.Array]:
@@ -100,20 +120,23 @@ def mrope_cos_sin(positions: jax.Array, cfg: TextConfig, dtype) -> tuple[jax.Arr
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
-def _write_slots(cache: jax.Array, new: jax.Array, index) -> jax.Array:
-    """cache[:, :, index : index + T] = new, in place. A bf16 cache is written as its uint16 bits: XLA:CPU
-    widens a bf16 update to f32, and with it the whole cache, into a copy of every layer's cache per step
-    (~3 % of a batch-1 decode step, ~4 % at batch 8)."""
+def _write_slots(cache: jax.Array, new: jax.Array, index, layer=None) -> jax.Array:
+    """cache[:, :, index : index + T] = new (cache[layer, ...] of a stacked cache), in place. A bf16 cache is
+    written as its uint16 bits: XLA:CPU widens a bf16 update to f32, and with it the whole cache, into a
+    copy of every layer's cache per step (~3 % of a batch-1 decode step, ~4 % at batch 8)."""
+    new, at = new.astype(cache.dtype), (0, 0, index, 0)
+    if layer is not None:
+        new, at = new[None], (layer, *at)
     if cache.dtype != jnp.bfloat16:
-        return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (0, 0, index, 0))
+        return jax.lax.dynamic_update_slice(cache, new, at)
     bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.uint16)
-    written = jax.lax.dynamic_update_slice(bits(cache), bits(new.astype(cache.dtype)), (0, 0, index, 0))
-    return jax.lax.bitcast_convert_type(written, cache.dtype)
+    return jax.lax.bitcast_convert_type(jax.lax.dynamic_update_slice(bits(cache), bits(new), at), cache.dtype)
 
 
-def _self_attn(x, p: Params, cos, sin, ranges, layer_cache: tuple[jax.Array, jax.Array] | None, write_index,
+def _self_attn(x, p: Params, cos, sin, ranges, cache: tuple[jax.Array, jax.Array] | None, layer, write_index,
                from_cache: bool, live, cfg: TextConfig):
-    """Attention block; writes this call's keys/values into `layer_cache` (k, v) at `write_index`."""
+    """Attention block; writes this call's keys/values into `cache` (k, v) at `write_index`: this layer's
+    arrays where `layer` is a Python int (unrolled), else arrays stacked over layers and the index."""
     b, t, _ = x.shape
     kv, group, hd = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads, cfg.head_dim
     q = rms_norm(linear(x, p["q_proj"], live).reshape(b, t, kv * group, hd), p["q_norm"]["weight"], cfg.rms_norm_eps)
@@ -121,12 +144,14 @@ def _self_attn(x, p: Params, cos, sin, ranges, layer_cache: tuple[jax.Array, jax
     v = linear(x, p["v_proj"], live).reshape(b, t, kv, hd)
     q, k = (apply_rope(a, cos, sin, rotate_half_fused) for a in (q, k))
     keys, values = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, kv_heads, T, D], the cache's layout
-    if layer_cache is not None:
-        layer_cache = tuple(_write_slots(c, new, write_index) for c, new in zip(layer_cache, (keys, values)))
+    layer = None if isinstance(layer, int) else layer
+    at = None  # the attention's keys are this call's own
+    if cache is not None:
+        cache = tuple(_write_slots(c, new, write_index, layer) for c, new in zip(cache, (keys, values)))
         if from_cache:  # decode: attend over the whole cache; prefill attends to its own keys
-            keys, values = layer_cache
-    out = attention(q.reshape(b, t, kv, group, hd), keys, values, *ranges)  # [B, T, H*D]
-    return linear(out, p["o_proj"], live), layer_cache
+            (keys, values), at = cache, layer
+    out = attention(q.reshape(b, t, kv, group, hd), keys, values, *ranges, layer=at)  # [B, T, H*D]
+    return linear(out, p["o_proj"], live), cache
 
 
 def _mlp(x, p: Params, live) -> jax.Array:
@@ -134,24 +159,49 @@ def _mlp(x, p: Params, live) -> jax.Array:
     return linear(gate * linear(x, p["up_proj"], live), p["down_proj"], live)
 
 
+def _layer(x, lp: Params, layer, cos, sin, ranges, cache, write_index, deepstack, from_cache, live, cfg: TextConfig):
+    """One decoder layer: `lp` its params, `layer` its index (a Python int unrolled, traced in the loop)."""
+    h, cache = _self_attn(rms_norm(x, lp["input_layernorm"]["weight"], cfg.rms_norm_eps), lp["self_attn"], cos, sin,
+                          ranges, cache, layer, write_index, from_cache, live, cfg)
+    x = x + h
+    x = x + _mlp(rms_norm(x, lp["post_attention_layernorm"]["weight"], cfg.rms_norm_eps), lp["mlp"], live)
+    if deepstack is not None:  # added after layers 0..k-1
+        k = deepstack.shape[0]
+        if isinstance(layer, int):
+            return (x + deepstack[layer].astype(x.dtype) if layer < k else x), cache
+        x = x + jnp.where(layer < k, deepstack[jnp.minimum(layer, k - 1)], 0).astype(x.dtype)
+    return x, cache
+
+
 def decoder(params: Params, cfg: TextConfig, x, positions, ranges, cache=None, write_index=0, deepstack=None,
             from_cache: bool = False, live=None):
     """Decoder layers + final norm. x [B, T, D]; ranges: the key slots [lo, hi) each token attends to,
     ([B, T], [B, T]); deepstack [k, B, T, D] is added after layers 0..k-1; live [B, 2]: each row's
-    slots [lo, hi) whose products are needed (a prompt's: not its left padding; `ops.matmul_t`)."""
+    slots [lo, hi) whose products are needed (a prompt's: not its left padding; `ops.matmul_t`). A loop
+    over the layers where `layer_loop` (the cache then stacked over layers), else unrolled."""
     cos, sin = mrope_cos_sin(positions, cfg, x.dtype)
-    new_cache = None if cache is None else {"k": [], "v": []}
-    for i, lp in enumerate(params["layers"]):
-        layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
-        h, layer_cache = _self_attn(rms_norm(x, lp["input_layernorm"]["weight"], cfg.rms_norm_eps), lp["self_attn"],
-                                    cos, sin, ranges, layer_cache, write_index, from_cache, live, cfg)
-        if new_cache is not None:
-            new_cache["k"].append(layer_cache[0])
-            new_cache["v"].append(layer_cache[1])
-        x = x + h
-        x = x + _mlp(rms_norm(x, lp["post_attention_layernorm"]["weight"], cfg.rms_norm_eps), lp["mlp"], live)
-        if deepstack is not None and i < deepstack.shape[0]:
-            x = x + deepstack[i].astype(x.dtype)
+    run = functools.partial(_layer, cos=cos, sin=sin, ranges=ranges, write_index=write_index, deepstack=deepstack,
+                            from_cache=from_cache, live=live, cfg=cfg)
+    layers = params["layers"]
+    if layer_loop(x.dtype):
+        # every layer's weight matrices, read in place by index (ops.LayerOf); the small vectors stacked
+        per_leaf = jax.tree.map(lambda *a: a if a[0].ndim == 2 else jnp.stack(a), *layers)
+        is_matrices = lambda a: isinstance(a, tuple)  # noqa: E731
+
+        def body(i, carry):
+            x, cache = carry
+            lp = jax.tree.map(lambda a: LayerOf(a, i) if is_matrices(a) else a[i], per_leaf, is_leaf=is_matrices)
+            return run(x, lp, i, cache=cache)
+
+        x, cache = jax.lax.fori_loop(0, len(layers), body, (x, None if cache is None else (cache["k"], cache["v"])))
+        new_cache = None if cache is None else dict(zip(("k", "v"), cache))
+    else:
+        new_cache = None if cache is None else {"k": [], "v": []}
+        for i, lp in enumerate(layers):
+            x, layer_cache = run(x, lp, i, cache=None if cache is None else (cache["k"][i], cache["v"][i]))
+            if new_cache is not None:
+                new_cache["k"].append(layer_cache[0])
+                new_cache["v"].append(layer_cache[1])
     return rms_norm(x, params["norm"]["weight"], cfg.rms_norm_eps), new_cache
 
 

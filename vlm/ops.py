@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -13,10 +14,24 @@ from . import cpu_kernels
 Params = dict
 
 
+@dataclass(frozen=True)
+class LayerOf:
+    """Layer `index` (traced) of every layer's weight matrix `arrays`, not copied out: what the text
+    decoder's loop over its layers (`vlm.model.decoder`) gives `matmul_t`. The CPU kernel gets every
+    layer's matrix and the index and reads that layer's in place; anywhere else `matmul_t` switches over
+    the layers (one product per layer in the program)."""
+
+    arrays: tuple[jax.Array, ...]
+    index: jax.Array
+
+    dtype = property(lambda self: self.arrays[0].dtype)
+    shape = property(lambda self: self.arrays[0].shape)
+
+
 def matmul_t(x: jax.Array, w: jax.Array, out_dtype=None, scale: jax.Array | None = None,
              live: jax.Array | None = None) -> jax.Array:
     """x @ w.T over the last axis, [..., I] x [O, I] -> [..., O], accumulated in f32, cast to `out_dtype`
-    (default: x's dtype). An int8 `w` comes with its per-row `scale` (vlm/quantize.py). `live` [G, 2]
+    (default: x's dtype); `w` may be a `LayerOf`. An int8 `w` comes with its per-row `scale` (vlm/quantize.py). `live` [G, 2]
     names the rows whose results are needed (x's rows as G equal groups, rows [lo, hi) of each; the
     others are a bucket's padding): the prefill kernel skips the others and gives zeros there.
 
@@ -26,6 +41,12 @@ def matmul_t(x: jax.Array, w: jax.Array, out_dtype=None, scale: jax.Array | None
     Otherwise one row is padded to two for XLA:CPU's bf16 and int8 products: it runs a single row in a
     naive loop ~10x slower than its two-row path."""
     out_dtype = out_dtype or x.dtype
+    if isinstance(w, LayerOf):
+        if cpu_kernels.applies(x, w.arrays[0]):
+            kernel = functools.partial(cpu_kernels.matmul_t, live=live, layer=w.index)
+            return _product(x, w.arrays, scale, kernel).astype(out_dtype)
+        each = [functools.partial(matmul_t, w=a, out_dtype=out_dtype, scale=scale, live=live) for a in w.arrays]
+        return jax.lax.switch(w.index, each, x)
     if cpu_kernels.applies(x, w):
         return _product(x, w, scale, functools.partial(cpu_kernels.matmul_t, live=live)).astype(out_dtype)
     if math.prod(x.shape[:-1]) == 1 and w.dtype != jnp.float32 and jax.default_backend() == "cpu":
@@ -108,10 +129,11 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, rotate=rotate_half)
     return (xf * cos + rotate(xf) * sin).astype(x.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, lo: jax.Array, hi: jax.Array, layer=None) -> jax.Array:
     """Grouped-query attention, each query over one range of key slots [lo, hi) of its row.
 
-    q [B, T, K, G, D], k/v [B, K, S, D], lo/hi [B, T] -> [B, T, K*G*D]: a prompt's (causal from the
+    q [B, T, K, G, D], k/v [B, K, S, D] (or a cache stacked over layers, [L, B, K, S, D], and the `layer` to
+    read), lo/hi [B, T] -> [B, T, K*G*D]: a prompt's (causal from the
     row's first real slot) or a decode step's (the row's slots so far). Scores and softmax in f32, as
     transformers' eager attention, probabilities in v's dtype, their sum of V accumulated in f32. Both
     products are batched over (row, kv head) in the cache's own layout, with a kv head's G query heads x
@@ -120,12 +142,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, lo: jax.Array, hi: jax.A
     and a prefill's (which scores only each query's range).
     """
     b, t, kv, g, d = q.shape
-    slot = jnp.arange(k.shape[2])
+    slot = jnp.arange(k.shape[-2])
     mask = (slot >= lo[..., None]) & (slot < hi[..., None])  # [B, T, S]
+    if t == 1 and cpu_kernels.attention_applies(k):  # a bf16 decode step on a CPU: vlm/cpu_kernels.cc
+        out = cpu_kernels.attend_one_query(q[:, 0], k, v, mask[:, 0], d**-0.5, 0 if layer is None else layer)
+        return out.reshape(b, 1, -1).astype(v.dtype)
+    if layer is not None:
+        k, v = k[layer], v[layer]
     if t == 1 and k.dtype == jnp.float32:
         return _attend_one_query(q, k, v, mask)
-    if t == 1 and cpu_kernels.attention_applies(k):  # a bf16 decode step on a CPU: vlm/cpu_kernels.cc
-        return cpu_kernels.attend_one_query(q[:, 0], k, v, mask[:, 0], d**-0.5).reshape(b, 1, -1).astype(v.dtype)
     if cpu_kernels.range_attention_applies(k):  # a bf16 prefill on a CPU
         return cpu_kernels.range_attention(q.reshape(b, t, kv * g, d), k, v, lo, hi, d**-0.5).reshape(b, t, -1)
     rows = jnp.moveaxis(q, 1, 3).reshape(b, kv, g * t, d)  # [B, K, G*T, D]

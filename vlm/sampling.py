@@ -365,7 +365,7 @@ def sample(model: M.Qwen3VL, params, inputs: VLMInputs, sampling_cfg: SamplingCo
             np.int32(cfg.max_new_tokens), np.asarray(cfg.eos_id, np.int32))
     stopped = False
     if should_stop is None:
-        steps = cache["k"][0].shape[2] - inputs.prompt_tokens.shape[1]  # the cache's room: >= max_new_tokens
+        steps = M.cache_length(cache) - inputs.prompt_tokens.shape[1]  # the cache's room: >= max_new_tokens
         generate = model.jit(_generate, donate_argnames="cache", static_argnames=("steps", "mesh"))
         _, tokens, logprobs = generate(params, cache, token, *args, steps=steps, mesh=mesh)
         parts = [(tokens, logprobs)]
