@@ -209,6 +209,40 @@ def test_dropped_programs_compile_again_and_answer_the_same(ours):
     assert again[0].tokens == before[0].tokens and again[1] == before[1]
 
 
+@pytest.mark.parametrize("sampler", ["streaming", "scan", "chunked"])
+def test_decode_program_compiles_before_the_kv_cache_exists(tiny_dir, sampler):
+    """Each sampler compiles its decode program before the prefill allocates the KV cache (so that the
+    compiler's transient memory does not stack on the cache), once: the call reuses that program."""
+    model, params, tok = load_model(tiny_dir, dtype="float32")  # its own programs: all compile here
+    inputs = prepare_inputs(model, params, tok, [_image(288, 256, 11)], ["What is this?"])
+    cfg = SamplingConfig(temperature=0.8, top_k=10, top_p=0.9, max_new_tokens=12)
+    text = model.cfg.text
+    cache_slots = (text.num_key_value_heads, bucket(inputs.prompt_tokens.shape[1] + 12, S.CACHE_BUCKET_MIN),
+                   text.head_dim)
+    caches_live = []  # at each compile: whether any KV cache array is alive
+
+    def on_event(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            caches_live.append(any(a.shape[-3:] == cache_slots for a in jax.live_arrays()))
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    persistent = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)  # every program is compiled, none loaded
+    try:
+        if sampler == "streaming":
+            tokens = [t for t, _, _ in _stream(model, params, tok, inputs, cfg)]
+        else:
+            stop = (lambda: False) if sampler == "chunked" else None
+            tokens = sample(model, params, inputs, cfg, jax.random.key(0), should_stop=stop).tokens[0]
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)
+        jax.config.update("jax_enable_compilation_cache", persistent)
+    assert len(tokens) == 12
+    assert model.programs == 3  # vision tower, prefill, the decode program
+    assert len(caches_live) >= 3  # (and jax's own small programs: a key, dtype conversions)
+    assert not any(caches_live)
+
+
 def _chunked_inputs(model, params, tok):
     return prepare_inputs(model, params, tok, [_image(256, 300, 8), None], ["Tell me a story about it.", "Say hi"])
 

@@ -22,21 +22,26 @@ def _libc():
 
 
 def tune_malloc(arenas: int | None = None) -> None:
-    """Blocks under 64 MiB come from the heap, and the heap keeps up to 64 MiB of free memory at its top:
-    a request's large blocks (XLA's scratch for a program, 5-40 MB for the 2B model; the prefill kernels'
-    packed rows) then reuse the last request's pages. With their own mmap each (glibc's default from 128
-    KiB, or the 4 MiB this set before), every request page-faulted them in anew: ~150k faults per 2B image
-    request on a 2-core Xeon VM, where the vision tower and the prompt's prefill each took 20-50 % longer
-    (interleaved in one process: 4.1-5.4 s against 3.4-3.6 s for the tower). glibc's defaults also raise
-    both thresholds as large blocks are freed (to 32 and 64 MiB), so fixed values behave the same in every
-    run; what compiles free goes back to the OS through `release_free_memory`.
+    """Blocks under 32 MiB come from the heap, and the heap keeps up to 64 MiB of free memory at its top:
+    a batch-1 request's large blocks (XLA's scratch for a program, 5-33 MB for the 2B model; the prefill
+    kernels' packed rows) then reuse the last request's pages. With their own mmap each (glibc's default
+    from 128 KiB, or the 4 MiB this set before), every request page-faulted them in anew: ~150k faults per
+    2B image request on a 2-core Xeon VM, where the vision tower and the prompt's prefill each took 20-50 %
+    longer (interleaved in one process: 4.1-5.4 s against 3.4-3.6 s for the tower). Larger blocks, which
+    grow with the batch (a batch-8 KV cache: two 59 MB arrays; its prefill's scratch 49 MB), get their own
+    mmap and go back to the OS when freed: from the heap they left free holes that the next request's
+    blocks did not fit (the benchmark's whole run with batches 1-8: peak 4.81 -> 4.69 GiB, resting after a
+    batch-8 request 4.70 -> 4.53), at ~0.5-1 us a page to fault them in again (~40 ms of a 10 s batch-8
+    request). glibc's defaults also raise both thresholds as large blocks are freed (to 32 and 64 MiB),
+    so fixed values behave the same in every run; what compiles free goes back to the OS through
+    `release_free_memory`.
     `arenas` caps malloc's arenas (one per allocating thread, up to 8 per core by default): a server's pool
     threads each keep what their requests freed in their own arena (the demo uses 2; tests/test_load.py's
     soak). Call it before threads start. A no-op off glibc."""
     libc = _libc()
     if libc is None:
         return
-    libc.mallopt(M_MMAP_THRESHOLD, 64 << 20)
+    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
     libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
     if arenas is not None:
         libc.mallopt(M_ARENA_MAX, arenas)

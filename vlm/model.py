@@ -66,14 +66,24 @@ class Qwen3VL:
                     release_free_memory()
                 return out
 
-            call.lower = jitted.lower
+            def ahead(*args, **kwargs):
+                """Compile for these arguments (jax.ShapeDtypeStruct where the array does not exist yet) now,
+                unless already compiled; the call then runs that program. -> the program's output shapes."""
+                before = self.compile_count
+                lowered = jitted.lower(*args, **kwargs)
+                lowered.compile()  # the call finds it in jax's caches
+                if self.compile_count != before:
+                    release_free_memory()
+                return lowered.out_info
+
+            call.lower, call.ahead = jitted.lower, ahead
             self._jitted[fn] = call
         return self._jitted[fn]
 
     def drop_programs(self) -> None:
-        """Forget every compiled program, jax's caches included, and hand their memory back: ~50 MB a
-        program for the 2B model on a CPU (mostly XLA's description of the 28 unrolled layers, not code;
-        measured: 4.51 -> 4.31 GiB for the 4 programs of one image request in both samplers).
+        """Forget every compiled program, jax's caches included, and hand their memory back: ~15 MB a
+        program for the 2B model on a CPU in bf16 (its layers in a loop; measured: 0.09 GiB for 6 programs),
+        ~50 MB in f32 (28 unrolled layers; 4.51 -> 4.31 GiB for the 4 programs of one image request).
         Later calls compile again: ~0.5-1 s a program with the compilation cache on (vlm/cache.py). Not while
         another thread runs this model (the demo calls it between generations)."""
         self._jitted.clear()
@@ -104,8 +114,8 @@ def init_cache(cfg: TextConfig, batch: int, length: int, dtype) -> Cache:
 
 
 def cache_length(cache: Cache) -> int:
-    """The cache's slots per row."""
-    return (cache["k"] if isinstance(cache["k"], jax.Array) else cache["k"][0]).shape[-2]
+    """The cache's slots per row (of a cache or of its jax.ShapeDtypeStructs)."""
+    return (cache["k"][0] if isinstance(cache["k"], list) else cache["k"]).shape[-2]
 
 
 def mrope_cos_sin(positions: jax.Array, cfg: TextConfig, dtype) -> tuple[jax.Array, jax.Array]:
