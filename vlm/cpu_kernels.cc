@@ -321,8 +321,8 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, Fn fn) {
 // the kernel reads that layer's in place; outside one, one weight array and index 0.
 template <ffi::DataType T>
 ffi::ErrorOr<ffi::Buffer<T>> layer_of(ffi::RemainingArgs weights, ffi::Buffer<ffi::S32> layer) {
-  const int64_t i = layer.typed_data()[0];
-  if (layer.element_count() != 1 || i < 0 || i >= int64_t(weights.size()))
+  const int64_t i = layer.element_count() == 1 ? layer.typed_data()[0] : -1;
+  if (i < 0 || i >= int64_t(weights.size()))
     return ffi::Unexpected(ffi::Error::InvalidArgument("cpu_kernels: layer index out of range"));
   return weights.get<ffi::Buffer<T>>(i);
 }
@@ -349,8 +349,9 @@ ffi::Error Matvec(ffi::ThreadPool pool, ffi::Buffer<In> x, ffi::Buffer<ffi::S32>
 
 // One query token's attention over a bf16 KV cache (a decode step), per (row, kv head): scores in f32,
 // softmax over the slots `keep` keeps, probabilities rounded to bf16 (as vlm.ops.attention does), then
-// their weighted sum of the V rows in f32. q [B, Kv, G, D], the layer's index, k/v [B, Kv, S, D] (index 0)
-// or a cache stacked over layers [L, B, Kv, S, D], keep [B, S], scale -> out [B, Kv, G, D] f32. Each (row, kv head) is one task: rows stay independent.
+// their weighted sum of the V rows in f32. q [B, Kv, G, D], the layer's index, k/v [B, Kv, S, D] (index
+// 0) or a cache stacked over layers [L, B, Kv, S, D], keep [B, S], scale -> out [B, Kv, G, D] f32. Each
+// (row, kv head) is one task: rows stay independent.
 inline uint16_t f32_to_bf16(float f) {  // round to nearest even (finite values)
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
@@ -437,12 +438,12 @@ ffi::Error AttendOneQuery(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::B
                           ffi::Buffer<ffi::BF16> k, ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::PRED> keep, float scale,
                           ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions(), kd = k.dimensions();
-  const int64_t L = kd.size() == 5 ? kd[0] : 1, at = kd.size() - 4, i = layer.typed_data()[0];
+  const int64_t L = kd.size() == 5 ? kd[0] : 1, at = kd.size() - 4;
   if (qd.size() != 4 || kd.size() < 4 || kd.size() > 5 || qd[0] != kd[at] || qd[1] != kd[at + 1] ||
       qd[3] != kd[at + 3] || k.element_count() != v.element_count())
     return ffi::Error::InvalidArgument("cpu attention: expected q [B, Kv, G, D] and k/v [(L,) B, Kv, S, D]");
-  if (layer.element_count() != 1 || i < 0 || i >= L)
-    return ffi::Error::InvalidArgument("cpu attention: layer index out of range");
+  const int64_t i = layer.element_count() == 1 ? layer.typed_data()[0] : -1;
+  if (i < 0 || i >= L) return ffi::Error::InvalidArgument("cpu attention: layer index out of range");
   const int64_t heads = qd[0] * qd[1], G = qd[2], D = qd[3], S = kd[at + 2], kv = qd[1];
   const auto* qp = reinterpret_cast<const uint16_t*>(q.untyped_data());
   const auto* kp = reinterpret_cast<const uint16_t*>(k.untyped_data()) + i * heads * S * D;  // the layer's cache
