@@ -58,23 +58,28 @@ class Qwen3VL:
             traced.__signature__ = inspect.signature(functools.partial(fn, self.cfg))  # for *_argnames
             jitted = jax.jit(traced, **jit_kwargs)
 
-            @functools.wraps(fn)
-            def call(*args, **kwargs):
+            def releasing(run: Callable):
+                """run(); if it compiled, what the compiler freed goes back to the OS."""
                 before = self.compile_count
-                out = jitted(*args, **kwargs)  # compiles (if it traced) before it returns
+                out = run()
                 if self.compile_count != before:
                     release_free_memory()
                 return out
 
+            @functools.wraps(fn)
+            def call(*args, **kwargs):
+                return releasing(lambda: jitted(*args, **kwargs))  # compiles (if it traced) before it returns
+
             def ahead(*args, **kwargs):
                 """Compile for these arguments (jax.ShapeDtypeStruct where the array does not exist yet) now,
                 unless already compiled; the call then runs that program. -> the program's output shapes."""
-                before = self.compile_count
-                lowered = jitted.lower(*args, **kwargs)
-                lowered.compile()  # the call finds it in jax's caches
-                if self.compile_count != before:
-                    release_free_memory()
-                return lowered.out_info
+
+                def compile_it():
+                    lowered = jitted.lower(*args, **kwargs)
+                    lowered.compile()  # the call finds it in jax's caches
+                    return lowered.out_info
+
+                return releasing(compile_it)
 
             call.lower, call.ahead = jitted.lower, ahead
             self._jitted[fn] = call
@@ -96,7 +101,8 @@ def layer_loop(dtype) -> bool:
     """Whether the text decoder runs as a loop over its layers, compiling one layer instead of all of them:
     where its products and its cache's attention run on vlm/cpu_kernels.cc (bf16 activations, int8 or bf16
     weights, one CPU device), which read a layer's weights and cache in place given every layer's and the
-    layer's index. A 2B program then holds ~1.5 MB instead of ~40 and compiles in a fraction of the time.
+    layer's index. A 2B batch-8 scan's HLO is then 0.84 MB instead of 1.8, compiles in 3.0 s, and keeps ~15
+    MB after its compile instead of ~30-50.
     XLA's own products would copy each layer's weights out of a stack, so elsewhere the layers are unrolled."""
     return jnp.dtype(dtype) == jnp.bfloat16 and cpu_kernels.usable()
 

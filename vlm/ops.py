@@ -31,9 +31,10 @@ class LayerOf:
 def matmul_t(x: jax.Array, w: jax.Array, out_dtype=None, scale: jax.Array | None = None,
              live: jax.Array | None = None) -> jax.Array:
     """x @ w.T over the last axis, [..., I] x [O, I] -> [..., O], accumulated in f32, cast to `out_dtype`
-    (default: x's dtype); `w` may be a `LayerOf`. An int8 `w` comes with its per-row `scale` (vlm/quantize.py). `live` [G, 2]
-    names the rows whose results are needed (x's rows as G equal groups, rows [lo, hi) of each; the
-    others are a bucket's padding): the prefill kernel skips the others and gives zeros there.
+    (default: x's dtype); `w` may be a `LayerOf`. An int8 `w` comes with its per-row `scale`
+    (vlm/quantize.py). `live` [G, 2] names the rows whose results are needed (x's rows as G equal groups,
+    rows [lo, hi) of each; the others are a bucket's padding): the prefill kernel skips the others and
+    gives zeros there.
 
     On a CPU, products with bf16 weights (and int8 ones in decode steps) run on vlm/cpu_kernels.cc: a
     decode step's read the weights at memory speed, where XLA:CPU's products of a few rows are

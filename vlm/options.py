@@ -118,8 +118,8 @@ class ServerOptions:
     max_programs: int = _opt(
         24,
         "compiled programs kept (one per shape: image size, prompt and answer length; ~15 MB each for the 2B model "
-        "in bf16 on a CPU, ~50 in f32); past this, all are dropped before the next request and compile again as needed (~0.5-1 s each "
-        "from the on-disk cache); 0 = keep all",
+        "in bf16 on a CPU, ~50 in f32); past this, all are dropped before the next request and compile again as "
+        "needed (~0.5-1 s each from the on-disk cache); 0 = keep all",
         (lambda v: v >= 0, "an integer >= 0"),
     )
     debug: bool = _opt(False, "show the text of unexpected errors in the page (tracebacks always go to the terminal)")
