@@ -297,23 +297,43 @@ void columns(const typename XOf<Op>::In* x, const typename Op::In* w, typename O
   }
 }
 
-// fn(i) for every i in [0, n), taken in turn by the calling thread and XLA's intra-op pool; returns when
-// all are done. The caller waits only for tasks another thread took; a pool task that starts after the
-// call has returned finds nothing left to take (the shared state outlives it).
+// fn(i) for every i in [0, n) on the calling thread and XLA's intra-op pool; returns when all are done.
+// Each thread owns a contiguous share of [0, n) and takes its tasks in order, then takes what is left of
+// the others' shares (a pool thread that starts late loses its share's tail, not the balance). Contiguous
+// shares keep each thread's reads of a weight matrix sequential: two threads taking tasks in turn read
+// neighbouring 64-384 KB chunks, and a 2B decode step's products read 5 % slower at the median, 12 % at
+// the best (2-core Zen 4, A/B in one process; a plain two-thread read in a fast phase: ~38 GB/s in 64 KB
+// chunks taken in turn, ~50 in two halves). The
+// caller waits only for tasks another thread took; a pool task that starts after the call has returned
+// finds nothing left to take (the shared state outlives it).
 template <typename Fn>
 void parallel_for(ffi::ThreadPool& pool, int64_t n, Fn fn) {
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), n));
+  struct alignas(64) Share {
+    std::atomic<int64_t> next;
+    int64_t end;
+  };
   struct Progress {
-    std::atomic<int64_t> next{0}, done{0};
+    std::unique_ptr<Share[]> shares;
+    alignas(64) std::atomic<int64_t> done{0};
   };
   auto progress = std::make_shared<Progress>();
-  auto run = [progress, n, fn] {
-    for (int64_t i; (i = progress->next.fetch_add(1, std::memory_order_relaxed)) < n;) {
-      fn(i);
-      progress->done.fetch_add(1, std::memory_order_release);
+  progress->shares.reset(new Share[threads]);
+  for (int64_t t = 0; t < threads; ++t) {
+    progress->shares[t].next.store(t * n / threads, std::memory_order_relaxed);
+    progress->shares[t].end = (t + 1) * n / threads;
+  }
+  auto run = [progress, threads, fn](int64_t t) {
+    for (int64_t u = 0; u < threads; ++u) {
+      Share& share = progress->shares[(t + u) % threads];
+      for (int64_t i; (i = share.next.fetch_add(1, std::memory_order_relaxed)) < share.end;) {
+        fn(i);
+        progress->done.fetch_add(1, std::memory_order_release);
+      }
     }
   };
-  for (int64_t t = 1; t < pool.num_threads(); ++t) pool.Schedule([run] { run(); });
-  run();
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule([run, t] { run(t); });
+  run(0);
   while (progress->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
