@@ -42,7 +42,7 @@ def _logits(model, params, inputs):
     mesh = SH.mesh_of(params)
     inputs, dev = S._device_inputs(inputs, mesh)
     v = dev["vision"]
-    emb, ds = model.jit(S._encode)(params, v.patches, v.pos_taps, v.pos_weights, v.rope_ids, v.segment)
+    emb, ds = model.jit(S._encode)(params, v.patches, v.pos_taps, v.pos_weights, v.rope, v.segment)
 
     def f(params, ids, positions, start, emb, ds, vision_index):
         h, _ = M.forward(params, model.cfg, ids, positions, start, emb, ds, vision_index)

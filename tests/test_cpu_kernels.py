@@ -375,7 +375,7 @@ def test_bf16_vision_tower_runs_on_the_kernel_and_matches_xla(bf16):
     model, params, tok = bf16
     inputs = prepare_inputs(model, params, tok, [_image(224, 256, 0), _image(160, 96, 1)], ["Compare.", "Hi"])
     v = inputs.vision
-    args = (params, v.patches, v.pos_taps, v.pos_weights, v.rope_ids, v.segment)
+    args = (params, v.patches, v.pos_taps, v.pos_weights, v.rope, v.segment)
     encode = model.jit(S._encode)
     assert "vlm_cpu_range_attention_bf16" in encode.lower(*args).as_text()
     real = v.num_patches // model.cfg.vision.spatial_merge_size**2  # the kernel skips the padding after them

@@ -46,14 +46,14 @@ def _tol(ref):
 
 def _logits_program(model, params, inputs):
     """The jitted image + prompt -> logits of every position, and its arguments."""
-    def f(params, ids, positions, start, patches, taps, weights, rope_ids, segment, vision_index):
-        emb, ds = S.encode(params["visual"], model.cfg.vision, patches, taps, weights, rope_ids, segment)
+    def f(params, ids, positions, start, patches, taps, weights, rope, segment, vision_index):
+        emb, ds = S.encode(params["visual"], model.cfg.vision, patches, taps, weights, rope, segment)
         h, _ = M.forward(params, model.cfg, ids, positions, start, emb, ds, vision_index)
         return M.lm_head(params, model.cfg, h)
 
     v = inputs.vision
     return jax.jit(f), (params, inputs.prompt_tokens, inputs.positions, inputs.start, v.patches, v.pos_taps,
-                        v.pos_weights, v.rope_ids, v.segment, inputs.vision_index)
+                        v.pos_weights, v.rope, v.segment, inputs.vision_index)
 
 
 def _all_logits(model, params, inputs):
@@ -66,7 +66,7 @@ def test_vision_tower_and_deepstack_match(ours, hf):
     inputs = prepare_inputs(model, params, tok, [[_image(300, 260, 0), _image(520, 270, 1)]], ["two"])
     v = inputs.vision
     emb, ds = jax.jit(lambda p, *a: S.encode(p["visual"], model.cfg.vision, *a))(
-        params, v.patches, v.pos_taps, v.pos_weights, v.rope_ids, v.segment)
+        params, v.patches, v.pos_taps, v.pos_weights, v.rope, v.segment)
     with torch.no_grad():
         out = hf.model.visual(torch.tensor(v.patches[: v.num_patches]), grid_thw=torch.tensor(inputs.grid_thw))
     n = v.num_patches // 4

@@ -144,8 +144,8 @@ def choose(logits: jax.Array, key, temperature, top_k, top_p, mesh=None) -> tupl
     return token, logprob
 
 
-def _encode(cfg, params, patches, pos_taps, pos_weights, rope_ids, segment):
-    return encode(params["visual"], cfg.vision, patches, pos_taps, pos_weights, rope_ids, segment)
+def _encode(cfg, params, patches, pos_taps, pos_weights, rope, segment):
+    return encode(params["visual"], cfg.vision, patches, pos_taps, pos_weights, rope, segment)
 
 
 def _prefill(cfg, params, ids, positions, start, vision_embeds, deepstack, vision_index, key, temperature, top_k,
@@ -244,7 +244,7 @@ def _start(model: M.Qwen3VL, params, inputs: VLMInputs, cfg: SamplingConfig, rng
         inputs, dev = _device_inputs(inputs, mesh)
     if inputs.vision is not None:
         v = dev["vision"]
-        vision_embeds, deepstack = model.jit(_encode)(params, v.patches, v.pos_taps, v.pos_weights, v.rope_ids,
+        vision_embeds, deepstack = model.jit(_encode)(params, v.patches, v.pos_taps, v.pos_weights, v.rope,
                                                       v.segment)
     else:  # text only: one zero image embedding that no token uses. The prefill is then the same program
         # as with images, so a text row gets the same numbers alone as beside images (XLA rounds a bf16
@@ -275,7 +275,7 @@ def _device_inputs(inputs: VLMInputs, mesh) -> tuple[VLMInputs, dict]:
     dev = {n: SH.place(getattr(inputs, n), mesh, specs[n]) for n in names}
     v = inputs.vision
     if v is not None:
-        fields = ("patches", "pos_taps", "pos_weights", "rope_ids", "segment")
+        fields = ("patches", "pos_taps", "pos_weights", "rope", "segment")
         v = replace(v, **{f: SH.place(getattr(v, f), mesh, SH.P()) for f in fields})
     return inputs, dev | {"vision": v}
 
