@@ -303,9 +303,8 @@ void columns(const typename XOf<Op>::In* x, const typename Op::In* w, typename O
 // shares keep each thread's reads of a weight matrix sequential: two threads taking tasks in turn read
 // neighbouring 64-384 KB chunks, and a 2B decode step's products read 5 % slower at the median, 12 % at
 // the best (2-core Zen 4, A/B in one process; a plain two-thread read in a fast phase: ~38 GB/s in 64 KB
-// chunks taken in turn, ~50 in two halves). The
-// caller waits only for tasks another thread took; a pool task that starts after the call has returned
-// finds nothing left to take (the shared state outlives it).
+// chunks taken in turn, ~50 in two halves). The caller waits only for tasks another thread took; a pool
+// task that starts after the call has returned finds nothing left to take (the shared state outlives it).
 template <typename Fn>
 void parallel_for(ffi::ThreadPool& pool, int64_t n, Fn fn) {
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), n));

@@ -1,7 +1,7 @@
 """Qwen3-VL vision tower: patch embed, interpolated position embedding, 2-D RoPE blocks, mergers.
 
-Everything that depends on the image grids (position-embedding taps, rotary ids, which image a
-patch belongs to) is computed on the host in NumPy (`vision_metadata`), so `encode` is a pure,
+Everything that depends on the image grids (position-embedding taps, rotary cos/sin, which image
+a patch belongs to) is computed on the host in NumPy (`vision_metadata`), so `encode` is a pure,
 jittable function of fixed-shape arrays and compiles once per patch-count bucket.
 """
 
@@ -40,6 +40,19 @@ def _axis_taps(index: np.ndarray, size: np.ndarray, side: int) -> tuple[np.ndarr
     return taps, weights.astype(np.float32)
 
 
+def _rotary(rows: np.ndarray, cols: np.ndarray, cfg: VisionConfig) -> np.ndarray:
+    """Axial 2-D rotary: half the frequencies follow the row, half the column -> cos, sin [2, N, head_dim]
+    (f32, as transformers computes them). On the host: inside the jitted tower XLA:CPU fused cos and sin
+    into every layer's q and k rope and evaluated them once per head, ~0.15 s of a 2B tower at 448x448."""
+    spatial = cfg.head_dim // 2
+    exponents = np.arange(0, spatial, 2, dtype=np.float32) / spatial
+    inv_freq = np.float32(1.0) / (np.float32(cfg.rope_theta) ** exponents)
+    freqs = np.stack([rows, cols], -1).astype(np.float32)[:, :, None] * inv_freq  # [N, 2, head_dim/4]
+    freqs = freqs.reshape(freqs.shape[0], -1)  # [N, head_dim/2]: rows then cols
+    emb = np.concatenate([freqs, freqs], axis=-1)  # [N, head_dim]
+    return np.stack([np.cos(emb), np.sin(emb)]).astype(np.float32)
+
+
 def vision_metadata(grids: list[tuple[int, int, int]], cfg: VisionConfig, padded: int) -> dict[str, np.ndarray]:
     """Host-side per-patch metadata for `grids` (one (t, h, w) per image), padded to `padded` patches."""
     m, side = cfg.spatial_merge_size, int(round(cfg.num_position_embeddings**0.5))
@@ -76,18 +89,6 @@ def pack_images(patches: list[np.ndarray], grids: list[tuple[int, int, int]], cf
     n = flat.shape[0]
     flat = np.pad(flat, ((0, padded - n), (0, 0)))
     return VisionBatch(patches=flat, num_patches=n, **vision_metadata(grids, cfg, padded))
-
-
-def _rotary(rows: np.ndarray, cols: np.ndarray, cfg: VisionConfig) -> np.ndarray:
-    """Axial 2-D rotary: half the frequencies follow the row, half the column -> cos, sin [2, N, head_dim]
-    (f32, as transformers computes them). On the host: inside the jitted tower XLA:CPU fused cos and sin
-    into every layer's q and k rope and evaluated them once per head, ~0.15 s of a 2B tower at 448x448."""
-    spatial = cfg.head_dim // 2
-    inv_freq = np.float32(1.0) / (np.float32(cfg.rope_theta) ** (np.arange(0, spatial, 2, dtype=np.float32) / spatial))
-    freqs = np.stack([rows, cols], -1).astype(np.float32)[:, :, None] * inv_freq  # [N, 2, head_dim/4]
-    freqs = freqs.reshape(freqs.shape[0], -1)  # [N, head_dim/2]: rows then cols
-    emb = np.concatenate([freqs, freqs], axis=-1)  # [N, head_dim]
-    return np.stack([np.cos(emb), np.sin(emb)]).astype(np.float32)
 
 
 _gelu_tanh = functools.partial(jax.nn.gelu, approximate=True)  # the blocks' (gelu_pytorch_tanh)
