@@ -417,12 +417,11 @@ def worker_jax(args) -> dict:
     streaming, reads = [], []
 
     def paired_stream():
-        if reader:
-            nbytes, read = reader
-            before = nbytes / min(read(), read())
+        rate = lambda: reader[0] / min(reader[1](), reader[1]())  # noqa: E731 (bytes/s, best of two reads)
+        before = rate() if reader else None
         streaming.append(stream("image")["decode_tok_s"])
         if reader:
-            reads.append((before + nbytes / min(read(), read())) / 2)
+            reads.append((before + rate()) / 2)
 
     res["decode_scan_b1"] = scan(prepare_inputs(model, params, tok, *reqs["image"]), between=paired_stream)
     res["decode_stream_b1"] = max(streaming)
