@@ -273,11 +273,23 @@ void any_tile(int64_t rb, int64_t nb, const typename XOf<Op>::In* x, const typen
   tile<Op, RB, NB>(x, w, y, K, N, pf_lo, pf_hi);
 }
 
-// y[:, n0:n1] for all R rows, in kRowTile x kColTile tiles (smaller at the edges); one row in 1 x 2kColTile tiles
-// (more weight rows in flight: ~10 % faster on one core). More than kRowTile rows pass over each tile of
-// weights several times, each pass prefetching its share of the next tile's rows, so that the reads from
-// memory go on through every pass, not only the first (8 rows, 2B weights on a 2-core Xeon: 16.5 -> 18.6
-// GB/s; 16 rows: 8.8 -> 10.2).
+// The columns of a tile of kRowTile rows (the weight rows sharing each x load), by Op: its accumulators,
+// weight vectors and x vector fill the vector registers.
+template <typename Op>
+constexpr int kColTileOf = kColTile;
+#if defined(VLM_AVX512_BF16)
+// one vdpbf16ps a madd: 4 x 6 accumulators, 6 weight vectors and x in 31 of the 32 registers. At 8 rows
+// (2B shapes, 2-core Zen 4): ~10 % faster than 4 x 4 from cache, 1-7 % reading the weights from memory;
+// int8's widening loads were slower at 4 x 6.
+template <>
+constexpr int kColTileOf<Bf16> = 6;
+#endif
+
+// y[:, n0:n1] for all R rows, in kRowTile x kColTileOf<Op> tiles (smaller at the edges); one row in
+// 1 x 2kColTile tiles (more weight rows in flight: ~10 % faster on one core). More than kRowTile rows pass
+// over each tile of weights several times, each pass prefetching its share of the next tile's rows, so that
+// the reads from memory go on through every pass, not only the first (8 rows, 2B weights on a 2-core Xeon:
+// 16.5 -> 18.6 GB/s; 16 rows: 8.8 -> 10.2).
 template <typename Op>
 void columns(const typename XOf<Op>::In* x, const typename Op::In* w, typename Op::Out* y, int64_t R, int64_t K,
              int64_t N, int64_t n0, int64_t n1) {
@@ -286,13 +298,14 @@ void columns(const typename XOf<Op>::In* x, const typename Op::In* w, typename O
       any_tile<Op, 1, 2 * kColTile>(1, std::min<int64_t>(2 * kColTile, n1 - n), x, w + n * K, y + n, K, N);
     return;
   }
+  constexpr int cols = kColTileOf<Op>;
   const int64_t passes = (R + kRowTile - 1) / kRowTile;
-  for (int64_t n = n0; n < n1; n += kColTile) {
-    const int64_t nb = std::min<int64_t>(kColTile, n1 - n);
+  for (int64_t n = n0; n < n1; n += cols) {
+    const int64_t nb = std::min<int64_t>(cols, n1 - n);
     for (int64_t r = 0, pass = 0; r < R; r += kRowTile, ++pass) {
       const int64_t rb = std::min<int64_t>(kRowTile, R - r);
-      any_tile<Op, kRowTile, kColTile>(rb, nb, x + r * K, w + n * K, y + r * N + n, K, N,
-                                       int(pass * kColTile / passes), int((pass + 1) * kColTile / passes));
+      any_tile<Op, kRowTile, cols>(rb, nb, x + r * K, w + n * K, y + r * N + n, K, N, int(pass * cols / passes),
+                                   int((pass + 1) * cols / passes));
     }
   }
 }
@@ -360,7 +373,8 @@ ffi::Error Matvec(ffi::ThreadPool pool, ffi::Buffer<In> x, ffi::Buffer<ffi::S32>
   thread_local std::vector<typename XOf<Op>::In> scratch;  // the caller's; the pool's threads only read it
   const auto* xp = XOf<Op>::prepare(reinterpret_cast<const typename Op::In*>(x.untyped_data()), R * K, scratch);
   // ~64 chunks (whole column tiles) balance the threads when one of them starts late.
-  const int64_t chunk = std::max<int64_t>(2 * kColTile, (N + 63) / 64 / (2 * kColTile) * (2 * kColTile));
+  const int64_t tile = R == 1 ? 2 * kColTile : kColTileOf<Op>;
+  const int64_t chunk = std::max<int64_t>(tile, (N + 63) / 64 / tile * tile);
   parallel_for(pool, (N + chunk - 1) / chunk,
                [=](int64_t c) { columns<Op>(xp, wp, yp, R, K, N, c * chunk, std::min(N, (c + 1) * chunk)); });
   return ffi::Error::Success();

@@ -20,7 +20,8 @@ import numpy as np
 from . import cpu_kernels
 from .config import ModelConfig, TextConfig
 from .memory import release_free_memory
-from .ops import LayerOf, Params, activation, apply_rope, attention, linear, matmul_t, rms_norm, rotate_half_fused
+from .ops import (LayerOf, Params, activation, apply_rope, attention, linear, matmul_t, rms_norm, rotate_half,
+                  rotate_half_fused)
 
 # {"k", "v"}: one [B, kv_heads, S, head_dim] array per layer, or one [layers, B, kv_heads, S, head_dim] array
 # where the decoder loops over its layers (`layer_loop`)
@@ -158,9 +159,12 @@ def _self_attn(x, p: Params, cos, sin, ranges, cache: tuple[jax.Array, jax.Array
     q = rms_norm(linear(x, p["q_proj"], live).reshape(b, t, kv * group, hd), p["q_norm"]["weight"], cfg.rms_norm_eps)
     k = rms_norm(linear(x, p["k_proj"], live).reshape(b, t, kv, hd), p["k_norm"]["weight"], cfg.rms_norm_eps)
     v = linear(x, p["v_proj"], live).reshape(b, t, kv, hd)
-    q, k = (apply_rope(a, cos, sin, rotate_half_fused) for a in (q, k))
+    unrolled = isinstance(layer, int)
+    # unrolled, each concatenate would be a kernel of its own; in the loop (compiled once) it is the faster
+    # one (see `rotate_half_fused`)
+    q, k = (apply_rope(a, cos, sin, rotate_half_fused if unrolled else rotate_half) for a in (q, k))
     keys, values = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, kv_heads, T, D], the cache's layout
-    layer = None if isinstance(layer, int) else layer
+    layer = None if unrolled else layer
     at = None  # the attention's keys are this call's own
     if cache is not None:
         cache = tuple(_write_slots(c, new, write_index, layer) for c, new in zip(cache, (keys, values)))
