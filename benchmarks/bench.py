@@ -399,36 +399,31 @@ def worker_jax(args) -> dict:
     log(f"[jax] warm second request: first token after {res['ttft_warm_second_s']:.2f} s, "
         f"{res['compiles_warm_second']} compiles")
 
-    def scans(xs: dict, between) -> dict:
-        """Decode tokens/s of the lax.scan sampler on each of `xs` (name -> inputs): rows * (n - 1) / (time of n
-        tokens - time of 1 token), best of `repeat` runs. The inputs take turns within each repeat, so that their
-        ratios compare the same moments of a host whose bandwidth swings (a VM's, within minutes); `between(name)`
-        runs before each timed pair (a streaming run: both samplers then see the same load)."""
+    def scan(x, between=lambda: None) -> float:
+        """Decode tokens/s of the lax.scan sampler: rows * (n - 1) / (time of n tokens - time of 1 token).
+        `between()` runs before each timed pair: the streaming run, so that both samplers see the same load."""
         one = replace(cfg, max_new_tokens=1)  # same prompt and cache buckets: the same prefill and scan programs
-        for x in xs.values():
-            sample(model, params, x, one, rng), sample(model, params, x, cfg, rng)  # compile
-        pairs = {name: [] for name in xs}
-        for _ in range(args.repeat):
-            for name, x in xs.items():
-                between(name)
-                timed = (_timed(sample, model, params, x, one, rng), _timed(sample, model, params, x, cfg, rng))
-                pairs[name].append(timed)
-        return {name: xs[name].num_rows * (n - 1) / (min(p[1] for p in ps) - min(p[0] for p in ps))
-                for name, ps in pairs.items()}
+        sample(model, params, x, one, rng), sample(model, params, x, cfg, rng)  # compile
+        pairs = []
+        for _ in range(args.repeat):  # interleaved, so that all see the same load
+            between()
+            pairs.append((_timed(sample, model, params, x, one, rng), _timed(sample, model, params, x, cfg, rng)))
+        first, full = min(p[0] for p in pairs), min(p[1] for p in pairs)
+        return x.num_rows * (n - 1) / (full - first)
 
     # each streaming run between two plain reads of the weights it reads (a host whose bandwidth swings
     # within seconds, as a VM's may, is compared with itself at the time; the limit is its best moment)
     reader = weight_reader(params)
     streaming, reads = [], []
 
-    def paired_stream(_name):
+    def paired_stream():
         rate = lambda: reader[0] / min(reader[1](), reader[1]())  # noqa: E731 (bytes/s, best of two reads)
         before = rate() if reader else None
         streaming.append(stream("image")["decode_tok_s"])
         if reader:
             reads.append((before + rate()) / 2)
 
-    res["decode_scan_b1"] = scans({"image": prepare_inputs(model, params, tok, *reqs["image"])}, paired_stream)["image"]
+    res["decode_scan_b1"] = scan(prepare_inputs(model, params, tok, *reqs["image"]), between=paired_stream)
     res["decode_stream_b1"] = max(streaming)
     if reads:
         res["weights_read_gbs_around_stream_b1"] = [r / 1e9 for r in reads]
@@ -438,17 +433,12 @@ def worker_jax(args) -> dict:
     log(f"[jax] streaming {res['decode_stream_b1']:.2f} tok/s, scan {res['decode_scan_b1']:.2f} tok/s")
     # batch 1 again on a text prompt, streaming beside it: the scan's rate is a difference of two runs that
     # each include a prefill, and an image prompt's (~2-7 s, +-5-20 % on a busy VM) can move it by 15 %;
-    # a text prompt's (~0.1-0.5 s) cannot, so streaming / scan is compared here. Every batch size in turn.
+    # a text prompt's (~0.1-0.5 s) cannot, so streaming / scan is compared here
     streaming_text = []
-    texts = {f"text_b{b}": prepare_inputs(model, params, tok, *reqs[f"text_b{b}"]) for b in args.batch}
-
-    def stream_beside_b1(name):
-        if name == "text_b1":
-            streaming_text.append(stream(name)["decode_tok_s"])
-
-    for name, rate in scans(texts, stream_beside_b1).items():
-        res[f"scan_{name}"] = rate
-        log(f"[jax] scan, batch {name.removeprefix('text_b')} text prompts: {rate:.2f} tok/s")
+    for b in args.batch:
+        between = (lambda: streaming_text.append(stream("text_b1")["decode_tok_s"])) if b == 1 else (lambda: None)
+        res[f"scan_text_b{b}"] = scan(prepare_inputs(model, params, tok, *reqs[f"text_b{b}"]), between)
+        log(f"[jax] scan, batch {b} text prompts: {res[f'scan_text_b{b}']:.2f} tok/s")
     if streaming_text:
         res["decode_stream_text_b1"] = max(streaming_text)
         log(f"[jax] streaming, text prompt: {res['decode_stream_text_b1']:.2f} tok/s")
@@ -630,8 +620,7 @@ def markdown(result: dict) -> str:
         f"{result['load_avg_end'][0]:.1f} at end.  ",
         f"**Model:** {cfg['model']}{' with int8 text weights' if cfg.get('quantize') == 'int8' else ''} "
         f"(random weights, {cfg['ckpt']}); {cfg['tokens']} new tokens per request, "
-        f"sampling {cfg['sampling']}, eos disabled; best of {cfg['repeat']} warm runs (streaming and scan "
-        f"interleaved, batch sizes in turn); "
+        f"sampling {cfg['sampling']}, eos disabled; best of {cfg['repeat']} warm runs (streaming and scan interleaved); "
         f"decode on {ours.get('decode_products', 'XLA')}"
         + (f"; transformers' figures from an earlier run, {result['transformers_from']}" if "transformers_from" in result
            else "") + ".  ",
