@@ -321,9 +321,12 @@ def sample_streaming(model: M.Qwen3VL, params, inputs: VLMInputs, sampling_cfg: 
     inputs, dev = _device_inputs(inputs, mesh)
     step = model.jit(_step, donate_argnames="cache", static_argnames="mesh")
     args = (dev["next_position"], dev["start"], np.int32(inputs.prompt_tokens.shape[1]))
+    # the step gets the text decoder's arrays only: handing a program its arguments costs the host ~5 us an
+    # array at every call (2B: 310 arrays instead of 625, ~2.0 ms instead of ~2.7 ms a step on a 2-core CPU)
+    decoder = {name: tree for name, tree in params.items() if name != "visual"}
 
     def compile_step(token, logprob, cache):
-        step.ahead(params, cache, token, *args, np.int32(0), rng, *_knobs(cfg), mesh=mesh)
+        step.ahead(decoder, cache, token, *args, np.int32(0), rng, *_knobs(cfg), mesh=mesh)
 
     token, logprob, cache = _start(model, params, inputs, cfg, rng, dev,
                                    compile_step if cfg.max_new_tokens > 1 else None)  # else no step runs
@@ -332,7 +335,7 @@ def sample_streaming(model: M.Qwen3VL, params, inputs: VLMInputs, sampling_cfg: 
     for i in range(cfg.max_new_tokens):
         pending = None
         if i + 1 < cfg.max_new_tokens:  # dispatch step i before reading token i: device works while host decodes
-            pending = step(params, cache, token, *args, np.int32(i), rng, *_knobs(cfg), mesh=mesh)
+            pending = step(decoder, cache, token, *args, np.int32(i), rng, *_knobs(cfg), mesh=mesh)
         # np.asarray waits for token i only; token[0] would be an XLA op that XLA:CPU queues behind step i
         # (the device would idle while the host decodes and yields)
         tok, lp = int(np.asarray(token)[0]), float(np.asarray(logprob)[0])
